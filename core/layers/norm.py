@@ -1,0 +1,131 @@
+"""Batch and layer normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.layers.base import Layer, Shape, ShapeError
+
+
+def _normalize_backward(dxhat: Any, xhat: Any, inv_std: Any, axis: int) -> Any:
+    """dx of xhat = (x - mean) * inv_std, with mean and variance over ``axis``.
+
+    dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    """
+    mean_dxhat = dxhat.mean(axis=axis, keepdims=True)
+    mean_dxhat_xhat = (dxhat * xhat).mean(axis=axis, keepdims=True)
+    return inv_std * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+class BatchNorm(Layer):
+    """Normalise each channel (or feature) over the batch (and space).
+
+    x: (N, F) or (N, H, W, C); gamma, beta: (F,) or (C,).
+    Training: batch statistics, running stats updated with ``momentum`` and the
+    unbiased variance (as PyTorch); evaluation: the running statistics.
+    """
+
+    type = "batchnorm"
+
+    def _infer(self, input_shape: Shape) -> Shape:
+        if len(input_shape) not in (1, 3):
+            raise ShapeError(
+                f"batchnorm needs (features,) or an image (C, H, W), got {input_shape}", "type"
+            )
+        return input_shape
+
+    def _channels(self) -> int:
+        return self.input_shape[0]
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return {"gamma": (self._channels(),), "beta": (self._channels(),)}
+
+    def buffer_shapes(self) -> dict[str, Shape]:
+        return {"running_mean": (self._channels(),), "running_var": (self._channels(),)}
+
+    def _initial_value(self, name: str, shape: Shape, rng: np.random.Generator, *, he: bool):
+        return np.ones(shape) if name == "gamma" else np.zeros(shape)
+
+    def _initial_buffer(self, name: str, shape: Shape) -> np.ndarray:
+        return np.ones(shape) if name == "running_var" else np.zeros(shape)
+
+    def forward(self, x: Any, training: bool) -> Any:
+        xp = self.xp
+        channels = x.shape[-1]
+        x2 = x.reshape(-1, channels)
+        eps = self.spec.eps
+        if training:
+            count = x2.shape[0]
+            mean = x2.mean(axis=0)
+            centered = x2 - mean
+            var = (centered * centered).mean(axis=0)
+            m = self.spec.momentum
+            unbiased = var * (count / max(count - 1, 1))
+            running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
+            running_mean *= 1 - m
+            running_mean += m * mean
+            running_var *= 1 - m
+            running_var += m * unbiased
+        else:
+            centered = x2 - self.buffers["running_mean"]
+            var = self.buffers["running_var"]
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        xhat = centered * inv_std
+        self._xhat, self._inv_std, self._training = xhat, inv_std, training
+        y = xhat * self.params["gamma"] + self.params["beta"]
+        return y.reshape(x.shape)
+
+    def backward(self, dy: Any) -> Any:
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        xhat = self._xhat
+        self._accumulate("gamma", (dy2 * xhat).sum(axis=0))  # dgamma = sum(dy * xhat)
+        self._accumulate("beta", dy2.sum(axis=0))  # dbeta = sum(dy)
+        self._grads_done()
+        dxhat = dy2 * self.params["gamma"]
+        if self._training:
+            dx = _normalize_backward(dxhat, xhat, self._inv_std, axis=0)
+        else:
+            dx = dxhat * self._inv_std
+        return dx.reshape(dy.shape)
+
+
+class LayerNorm(Layer):
+    """Normalise each sample over its last axis.
+
+    x: (N, ..., D) -> y; gamma, beta: (D,).  y = (x - mean) / sqrt(var + eps) * gamma + beta
+    """
+
+    type = "layernorm"
+
+    def _infer(self, input_shape: Shape) -> Shape:
+        if len(input_shape) not in (1, 2):
+            raise ShapeError(
+                f"layernorm needs (features,) or (time, features), got {input_shape}", "type"
+            )
+        return input_shape
+
+    def param_shapes(self) -> dict[str, Shape]:
+        d = self.input_shape[-1]
+        return {"gamma": (d,), "beta": (d,)}
+
+    def _initial_value(self, name: str, shape: Shape, rng: np.random.Generator, *, he: bool):
+        return np.ones(shape) if name == "gamma" else np.zeros(shape)
+
+    def forward(self, x: Any, training: bool) -> Any:
+        mean = x.mean(axis=-1, keepdims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=-1, keepdims=True)
+        inv_std = 1.0 / self.xp.sqrt(var + self.spec.eps)
+        xhat = centered * inv_std
+        self._xhat, self._inv_std = xhat, inv_std
+        return xhat * self.params["gamma"] + self.params["beta"]
+
+    def backward(self, dy: Any) -> Any:
+        d = dy.shape[-1]
+        xhat = self._xhat
+        self._accumulate("gamma", (dy * xhat).reshape(-1, d).sum(axis=0))
+        self._accumulate("beta", dy.reshape(-1, d).sum(axis=0))
+        self._grads_done()
+        return _normalize_backward(dy * self.params["gamma"], xhat, self._inv_std, axis=-1)

@@ -1,0 +1,264 @@
+"""A sequential model built from its JSON spec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.backend import DTYPES, get_xp, to_numpy
+from core.errors import SpecError
+from core.layers import LAYERS, Layer, ShapeError
+from core.layers.base import is_image
+from core.losses import check_loss_fits
+from core.spec import ModelSpec, parse_model_spec
+
+Shape = tuple[int, ...]
+_HE_ACTIVATIONS = ("relu", "leaky_relu")
+_OTHER_ACTIVATIONS = ("tanh", "sigmoid", "gelu")
+
+
+def _feeds_relu(layers: list[Layer], index: int) -> bool:
+    """Whether the next activation after layer ``index``, before another weighted layer, is ReLU."""
+    for later in layers[index + 1 :]:
+        if later.type in _HE_ACTIVATIONS:
+            return True
+        if later.has_weights or later.type in _OTHER_ACTIVATIONS:
+            return False
+    return False
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    index: int
+    type: str
+    description: str
+    output_shape: Shape
+    params: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a spec builds: per layer output shape, parameters and forward FLOPs per sample."""
+
+    input_shape: Shape
+    layers: tuple[LayerSummary, ...]
+    loss: str
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def flops(self) -> int:
+        return sum(layer.flops for layer in self.layers)
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.layers[-1].output_shape
+
+    def __str__(self) -> str:
+        rows = [("#", "layer", "output", "params", "FLOPs")]
+        rows.append(("", "input", str(self.input_shape), "", ""))
+        for layer in self.layers:
+            rows.append(
+                (
+                    str(layer.index),
+                    layer.description,
+                    str(layer.output_shape),
+                    f"{layer.params:,}",
+                    f"{layer.flops:,}",
+                )
+            )
+        rows.append(("", f"loss: {self.loss}", "", f"{self.params:,}", f"{self.flops:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = [
+            "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        return "\n".join(lines)
+
+
+def _infer_layers(spec: ModelSpec, input_shape: Shape, num_classes: int | None) -> list[Layer]:
+    layers: list[Layer] = []
+    shape = tuple(int(d) for d in input_shape)
+    for index, layer_spec in enumerate(spec.layers):
+        layer = LAYERS[layer_spec.type](layer_spec)
+        try:
+            shape = layer.infer(shape)
+        except ShapeError as exc:
+            raise SpecError(
+                exc.reason, layer=index, layer_type=layer_spec.type, field=exc.field
+            ) from None
+        if any(d <= 0 for d in shape):
+            raise SpecError(
+                f"output shape {shape} has an empty axis",
+                layer=index,
+                layer_type=layer_spec.type,
+            )
+        layers.append(layer)
+    check_loss_fits(spec.loss, shape, num_classes)
+    return layers
+
+
+def summarize(
+    spec: ModelSpec | dict[str, Any], input_shape: Shape, num_classes: int | None = None
+) -> ModelSummary:
+    """Shapes, parameters and FLOPs of a spec, without allocating anything."""
+    model_spec = parse_model_spec(spec)
+    layers = _infer_layers(model_spec, input_shape, num_classes)
+    return ModelSummary(
+        input_shape=tuple(input_shape),
+        layers=tuple(
+            LayerSummary(
+                index=i,
+                type=layer.type,
+                description=layer.describe(),
+                output_shape=layer.output_shape,
+                params=sum(math.prod(s) for s in layer.param_shapes().values()),
+                flops=layer.flops(),
+            )
+            for i, layer in enumerate(layers)
+        ),
+        loss=model_spec.loss,
+    )
+
+
+class Model:
+    """Layers run forward in order and backward in reverse.
+
+    Inputs and outputs are channels-first as the datasets give them,
+    ``x: (batch, *input_shape)``; image batches are turned channels-last once
+    at the model's edges (free for one channel).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layers: list[Layer],
+        input_shape: Shape,
+        *,
+        dtype: Any,
+        device: str,
+        seed: int,
+    ) -> None:
+        self.spec = spec
+        self.layers = layers
+        self.input_shape = input_shape
+        self.output_shape = layers[-1].output_shape
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        self.xp = get_xp(device)
+        self.seed = seed
+        self.set_rng(np.random.default_rng(seed))
+
+    # --- running --------------------------------------------------------------
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """The random source of dropout masks (the trainer sets one per step)."""
+        self.rng = rng
+        for layer in self.layers:
+            layer.rng = rng
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        """x: (batch, *input_shape) -> outputs (batch, *output_shape)."""
+        x = self.xp.asarray(x, dtype=self.dtype)
+        if is_image(self.input_shape):
+            x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+            if self.input_shape[0] > 1:
+                x = self.xp.ascontiguousarray(x)
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        if is_image(self.output_shape):
+            x = x.transpose(0, 3, 1, 2)
+        return x
+
+    def backward(self, doutputs: Any) -> None:
+        """Accumulate every layer's gradients from d(loss)/d(outputs)."""
+        dy = doutputs
+        if is_image(self.output_shape):
+            dy = dy.transpose(0, 2, 3, 1)
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        return self.forward(x, training)
+
+    # --- parameters and state ----------------------------------------------------
+
+    def parameters(self) -> Iterator[tuple[str, Any, Any]]:
+        """``(name, param, grad)`` for every parameter; names are ``"<layer>.<key>"``."""
+        for index, layer in enumerate(self.layers):
+            for key, param in layer.params.items():
+                yield f"{index}.{key}", param, layer.grads[key]
+
+    def layer_names(self) -> list[str]:
+        """``"<index>.<type>"`` of each layer, the names of the per-layer diagnostics."""
+        return [f"{index}.{layer.type}" for index, layer in enumerate(self.layers)]
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(p.size) for _, p, _ in self.parameters())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by name, as NumPy arrays (copies), ready for ``np.savez``."""
+        state: dict[str, np.ndarray] = {}
+        for index, layer in enumerate(self.layers):
+            for key, value in (*layer.params.items(), *layer.buffers.items()):
+                state[f"{index}.{key}"] = to_numpy(value).copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays in place; every name must be present with its shape."""
+        expected = {
+            f"{index}.{key}": target
+            for index, layer in enumerate(self.layers)
+            for key, target in (*layer.params.items(), *layer.buffers.items())
+        }
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        for name, target in expected.items():
+            value = np.asarray(state[name])
+            if value.shape != target.shape:
+                raise ValueError(f"{name}: shape {value.shape}, expected {target.shape}")
+            target[...] = self.xp.asarray(value, dtype=target.dtype)
+
+    def summary(self) -> ModelSummary:
+        return summarize(self.spec, self.input_shape)
+
+
+def build_model(
+    spec: ModelSpec | dict[str, Any],
+    input_shape: Shape,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    num_classes: int | None = None,
+) -> Model:
+    """A model from its spec, shapes inferred from ``input_shape`` (per sample).
+
+    Raises :class:`SpecError` naming the layer and field when the spec is invalid
+    or does not fit the input (or ``num_classes``, when given).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    model_spec = parse_model_spec(spec)
+    layers = _infer_layers(model_spec, tuple(input_shape), num_classes)
+    xp = get_xp(device)
+    for index, layer in enumerate(layers):
+        layer.needs_input_grad = index > 0
+        layer.init(xp, dtype, np.random.default_rng([seed, index]), he=_feeds_relu(layers, index))
+    return Model(model_spec, layers, tuple(input_shape), dtype=dtype, device=device, seed=seed)

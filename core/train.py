@@ -1,0 +1,349 @@
+"""Training: the step every worker runs, and a single-process ``fit()``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.backend import to_numpy
+from core.checkpoint import decode_json, encode_json, from_npz_bytes, split_prefix, to_npz_bytes
+from core.data import Dataset, batch_slices, epoch_order, load_dataset, split_indices
+from core.losses import correct_count, loss
+from core.model import Model, build_model
+from core.optim import Optimizer, build_optimizer, clip_grad_norm, scheduled_lr
+from core.spec import JobSpec, ModelSpec, TrainingSpec, parse_job_spec
+
+EVAL_BATCH_SIZE = 1024
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class BatchStats:
+    """Sums over the samples of one or more batches."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    correct: int = 0
+    predicted: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        self.loss_sum += other.loss_sum
+        self.samples += other.samples
+        self.correct += other.correct
+        self.predicted += other.predicted
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.predicted if self.predicted else None
+
+
+@dataclass
+class _Diagnostics:
+    """Per-layer gradient norms (averaged over an epoch) and update ratios (last step)."""
+
+    grad_norm_sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    update_ratios: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """A model, its optimizer, and the position in training.
+
+    ``compute_gradients`` and ``apply_gradients`` are the two halves of a step,
+    so data-parallel workers can all-reduce in between; ``train_step`` does both.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_spec: ModelSpec | dict[str, Any],
+        optimizer_spec: Any,
+        training: TrainingSpec,
+        input_shape: tuple[int, ...],
+        num_classes: int | None,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> None:
+        self.training = training
+        self.model: Model = build_model(
+            model_spec,
+            input_shape,
+            seed=training.seed,
+            dtype=dtype,
+            device=device,
+            num_classes=num_classes,
+        )
+        self.optimizer: Optimizer = build_optimizer(optimizer_spec, self.model)
+        self.loss_name = self.model.spec.loss
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self._layer_params = _params_by_layer(self.model)
+        self._diagnostics = _Diagnostics()
+
+    @classmethod
+    def for_job(cls, job: JobSpec, dataset: Dataset, **kwargs: Any) -> Trainer:
+        return cls(
+            model_spec=job.model,
+            optimizer_spec=job.optimizer,
+            training=job.training,
+            input_shape=dataset.input_shape,
+            num_classes=dataset.num_classes,
+            device=job.resources.device,
+            **kwargs,
+        )
+
+    # --- one step ---------------------------------------------------------------------
+
+    def compute_gradients(
+        self, x: Any, y: Any, *, scale: float = 1.0, rng_key: tuple[int, ...] = ()
+    ) -> BatchStats:
+        """Forward and backward on one batch, adding ``scale`` * its mean-loss gradient."""
+        model = self.model
+        model.set_rng(np.random.default_rng([self.training.seed, 1, self.step, *rng_key]))
+        y = model.xp.asarray(y)
+        outputs = model.forward(x, training=True)
+        value, doutputs = loss(self.loss_name, outputs, y)
+        if scale != 1.0:
+            doutputs *= scale
+        model.backward(doutputs)
+        right = correct_count(self.loss_name, outputs, y)
+        n = len(x)
+        return BatchStats(
+            loss_sum=value * n,
+            samples=n,
+            correct=right[0] if right else 0,
+            predicted=right[1] if right else 0,
+        )
+
+    def apply_gradients(self, *, steps_per_epoch: int, total_steps: int, diagnose: bool) -> None:
+        """Clip, schedule, and take the optimizer step on the accumulated gradients."""
+        opt = self.optimizer
+        opt.lr = scheduled_lr(
+            float(opt.spec.lr),
+            opt.spec.schedule,
+            step=self.step,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        )
+        diagnostics = self._diagnostics
+        for layer, pairs in self._layer_params.items():
+            norm_sq = sum(float((g * g).sum()) for _, g in pairs)
+            diagnostics.grad_norm_sums[layer] = diagnostics.grad_norm_sums.get(layer, 0.0) + (
+                math.sqrt(norm_sq)
+            )
+        diagnostics.steps += 1
+        if self.training.grad_clip_norm is not None:
+            clip_grad_norm((g for _, _, g in self.model.parameters()), self.training.grad_clip_norm)
+        before = (
+            {layer: [p.copy() for p, _ in pairs] for layer, pairs in self._layer_params.items()}
+            if diagnose
+            else None
+        )
+        opt.step()
+        self.step += 1
+        if before is not None:
+            for layer, pairs in self._layer_params.items():
+                change = sum(
+                    float(((p - old) ** 2).sum())
+                    for (p, _), old in zip(pairs, before[layer], strict=True)
+                )
+                size = sum(float((old * old).sum()) for old in before[layer])
+                diagnostics.update_ratios[layer] = math.sqrt(change) / max(math.sqrt(size), 1e-12)
+
+    def train_step(
+        self, x: Any, y: Any, *, steps_per_epoch: int, total_steps: int, diagnose: bool = False
+    ) -> BatchStats:
+        self.model.zero_grad()
+        stats = self.compute_gradients(x, y)
+        self.apply_gradients(
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
+        )
+        return stats
+
+    # --- epochs -----------------------------------------------------------------
+
+    def train_epoch(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        total_epochs: int,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> Metrics:
+        """One pass over ``X, y`` in the seeded order of this epoch; returns its metrics."""
+        spec = self.training
+        order = epoch_order(len(X), spec.seed, self.epoch, spec.shuffle)
+        steps_per_epoch = math.ceil(len(X) / spec.batch_size)
+        total_steps = steps_per_epoch * total_epochs
+        self._diagnostics = _Diagnostics()
+        stats = BatchStats()
+        started = time.perf_counter()
+        for i, batch in enumerate(batch_slices(len(X), spec.batch_size)):
+            index = order[batch]
+            batch_stats = self.train_step(
+                X[index],
+                y[index],
+                steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps,
+                diagnose=i == steps_per_epoch - 1,
+            )
+            stats.add(batch_stats)
+            if on_step is not None:
+                on_step(self.step, batch_stats.mean_loss)
+        elapsed = time.perf_counter() - started
+        self.epoch += 1
+        metrics: Metrics = {
+            "train_loss": stats.mean_loss,
+            "lr": self.optimizer.lr,
+            "samples_per_s": stats.samples / elapsed if elapsed > 0 else 0.0,
+            "epoch_time_s": elapsed,
+        }
+        if stats.accuracy is not None:
+            metrics["train_accuracy"] = stats.accuracy
+        diagnostics = self._diagnostics
+        for layer, total in diagnostics.grad_norm_sums.items():
+            metrics[f"grad_norm/{layer}"] = total / max(diagnostics.steps, 1)
+        for layer, ratio in diagnostics.update_ratios.items():
+            metrics[f"update_ratio/{layer}"] = ratio
+        return metrics
+
+    def evaluate(
+        self, X: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH_SIZE
+    ) -> BatchStats:
+        """Mean loss and accuracy in evaluation mode (no dropout, running batchnorm stats)."""
+        stats = BatchStats()
+        xp = self.model.xp
+        for batch in batch_slices(len(X), batch_size):
+            outputs = self.model.forward(X[batch], training=False)
+            targets = xp.asarray(y[batch])
+            value, _ = loss(self.loss_name, outputs, targets)
+            right = correct_count(self.loss_name, outputs, targets)
+            n = batch.stop - batch.start
+            stats.add(
+                BatchStats(
+                    loss_sum=value * n,
+                    samples=n,
+                    correct=right[0] if right else 0,
+                    predicted=right[1] if right else 0,
+                )
+            )
+        return stats
+
+    def predict(self, X: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+        outputs = [
+            to_numpy(self.model.forward(X[batch], training=False))
+            for batch in batch_slices(len(X), batch_size)
+        ]
+        return np.concatenate(outputs)
+
+    # --- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Weights, optimizer state, RNG state and position, as arrays."""
+        state: dict[str, np.ndarray] = {}
+        state.update({f"model/{k}": v for k, v in self.model.state_dict().items()})
+        state.update({f"optim/{k}": v for k, v in self.optimizer.state_dict().items()})
+        state["trainer/epoch"] = np.asarray(self.epoch, dtype=np.int64)
+        state["trainer/step"] = np.asarray(self.step, dtype=np.int64)
+        state["rng/dropout"] = encode_json(self.model.rng.bit_generator.state)
+        state["spec/model"] = encode_json(self.model.spec.model_dump())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(split_prefix(state, "model"))
+        self.optimizer.load_state_dict(split_prefix(state, "optim"))
+        self.epoch = int(state["trainer/epoch"])
+        self.step = int(state["trainer/step"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = decode_json(state["rng/dropout"])
+        self.model.set_rng(rng)
+
+    def save(self) -> bytes:
+        """The state as ``.npz`` bytes (a checkpoint)."""
+        return to_npz_bytes(self.state_dict())
+
+    def load(self, data: bytes) -> None:
+        self.load_state_dict(from_npz_bytes(data))
+
+
+def _params_by_layer(model: Model) -> dict[str, list[tuple[Any, Any]]]:
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    for name, layer in zip(model.layer_names(), model.layers, strict=True):
+        if layer.params:
+            groups[name] = [(layer.params[k], layer.grads[k]) for k in layer.params]
+    return groups
+
+
+@dataclass
+class FitResult:
+    trainer: Trainer
+    history: list[Metrics]
+    test: Metrics
+
+    @property
+    def model(self) -> Model:
+        return self.trainer.model
+
+
+def fit(
+    job: JobSpec | dict[str, Any],
+    dataset: Dataset | None = None,
+    *,
+    until_epoch: int | None = None,
+    resume: bytes | None = None,
+    on_epoch: Callable[[int, Metrics], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[int, bytes], None] | None = None,
+) -> FitResult:
+    """Train a job's model in this process.
+
+    ``until_epoch`` stops early (to checkpoint and resume later); ``resume`` is
+    a checkpoint from :meth:`Trainer.save`. Per-epoch metrics go to ``on_epoch``
+    (named as in DESIGN.md), each step's loss to ``on_step``, checkpoints as
+    ``.npz`` bytes to ``on_checkpoint``.
+    """
+    job = parse_job_spec(job)
+    dataset = dataset if dataset is not None else load_dataset(job.dataset.name)
+    spec = job.training
+    trainer = Trainer.for_job(job, dataset)
+    if resume is not None:
+        trainer.load(resume)
+    train_idx, val_idx = split_indices(len(dataset.X), spec.validation_split, spec.seed)
+    X_train, y_train = dataset.X[train_idx], dataset.y[train_idx]
+    X_val, y_val = dataset.X[val_idx], dataset.y[val_idx]
+    last_epoch = spec.epochs if until_epoch is None else min(until_epoch, spec.epochs)
+    history: list[Metrics] = []
+    while trainer.epoch < last_epoch:
+        metrics = trainer.train_epoch(X_train, y_train, total_epochs=spec.epochs, on_step=on_step)
+        if len(X_val):
+            val = trainer.evaluate(X_val, y_val)
+            metrics["val_loss"] = val.mean_loss
+            if val.accuracy is not None:
+                metrics["val_accuracy"] = val.accuracy
+        accuracy = metrics.get("val_accuracy", metrics.get("train_accuracy"))
+        if accuracy is not None:
+            metrics["error_rate"] = 1.0 - accuracy
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(trainer.epoch, metrics)
+        if on_checkpoint is not None and (
+            trainer.epoch % spec.checkpoint_every_epochs == 0 or trainer.epoch == last_epoch
+        ):
+            on_checkpoint(trainer.epoch, trainer.save())
+    test: Metrics = {}
+    if trainer.epoch == spec.epochs and dataset.X_test is not None and dataset.y_test is not None:
+        result = trainer.evaluate(dataset.X_test, dataset.y_test)
+        test["test_loss"] = result.mean_loss
+        if result.accuracy is not None:
+            test["test_accuracy"] = result.accuracy
+    return FitResult(trainer=trainer, history=history, test=test)
