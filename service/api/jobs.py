@@ -1,0 +1,208 @@
+"""Routes under /api/v1/jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from service import jobs as job_service
+from service import results
+from service.api.body import read_json_object
+from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
+from service.datasets import resolve_version
+from service.errors import NotFound
+from service.models import TERMINAL_STATUSES, Job, JobStatus
+from service.predict import ModelCache, predict
+from service.schemas import (
+    AttemptPublic,
+    CheckpointPublic,
+    CheckpointsPublic,
+    JobDetail,
+    JobPublic,
+    JobsPublic,
+    PredictRequest,
+    PredictResponse,
+)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+EVENTS_POLL_S = 0.5
+_models = ModelCache()
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+async def submit_job(
+    request: Request,
+    response: Response,
+    context: ContextDep,
+    session: SessionDep,
+    team: TeamDep,
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> Job:
+    body = await read_json_object(request, context.settings.max_body_bytes)
+    job, created = await run_in_threadpool(
+        job_service.create_job,
+        session=session,
+        team=team,
+        body=body,
+        limits=context.limits,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    team: TeamDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    cursor: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobsPublic:
+    page, total, next_cursor = job_service.list_jobs(
+        session=session, team=team, status=status_, name=name, cursor=cursor, limit=limit
+    )
+    return JobsPublic(
+        data=[JobPublic.model_validate(job) for job in page],
+        count=total,
+        next_cursor=str(next_cursor) if next_cursor is not None else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobDetail)
+def get_job(job_id: int, session: SessionDep, team: TeamDep) -> JobDetail:
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    attempts = job_service.attempts_of(session=session, job=job)
+    queue_wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+    run_time = (
+        (job.finished_at - job.started_at).total_seconds()
+        if job.finished_at and job.started_at
+        else None
+    )
+    return JobDetail(
+        **JobPublic.model_validate(job).model_dump(),
+        attempt_history=[AttemptPublic.model_validate(a) for a in attempts],
+        jobs_ahead=job_service.jobs_ahead(session=session, job=job),
+        queue_wait_s=queue_wait,
+        run_time_s=run_time,
+        has_model=job.model_sha256 is not None,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep, team: TeamDep) -> Job:
+    return job_service.cancel(session=session, team=team, job_id=job_id)
+
+
+@router.get("/{job_id}/metrics", response_model=None)
+def get_metrics(
+    job_id: int,
+    session: SessionDep,
+    team: TeamDep,
+    names: Annotated[str | None, Query(description="comma-separated series names")] = None,
+    since_step: Annotated[int | None, Query(ge=-1)] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=results.MAX_POINTS_LIMIT)] = None,
+    format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+) -> object:
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    wanted = [n for n in names.split(",") if n] if names else None
+    series = results.read_series(
+        session=session, job=job, names=wanted, since_step=since_step, max_points=max_points
+    )
+    if format == "csv":
+        return PlainTextResponse(results.series_csv(series), media_type="text/csv")
+    return {"job_id": job.id, **results.series_json(series)}
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def get_checkpoints(job_id: int, session: SessionDep, team: TeamDep) -> CheckpointsPublic:
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    rows = results.list_checkpoints(session=session, job=job)
+    return CheckpointsPublic(
+        data=[CheckpointPublic.model_validate(c) for c in rows], count=len(rows)
+    )
+
+
+@router.get("/{job_id}/model")
+def download_model(job_id: int, session: SessionDep, team: TeamDep, store: StoreDep) -> Response:
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    if job.model_sha256 is None:
+        raise NotFound(f"job {job_id} has no model yet (status {job.status})")
+    return Response(
+        store.get(job.model_sha256),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="job-{job.id}-model.npz"',
+            "ETag": f'"{job.model_sha256}"',
+        },
+    )
+
+
+@router.post("/{job_id}/predict", response_model=PredictResponse)
+async def predict_route(
+    job_id: int,
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    team: TeamDep,
+    store: StoreDep,
+) -> PredictResponse:
+    body = PredictRequest.model_validate(
+        await read_json_object(request, context.settings.max_body_bytes)
+    )
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    if job.model_sha256 is None:
+        raise NotFound(f"job {job_id} has no model yet (status {job.status})")
+    dataset = resolve_version(
+        session=session, team=team, name=job.dataset_name, version=job.dataset_version
+    )
+    input_shape = tuple(dataset.input_shape) if dataset else ()
+    model = await run_in_threadpool(_models.get, store, job.model_sha256, input_shape)
+    outputs, predicted = await run_in_threadpool(predict, model, body.inputs)
+    return PredictResponse(outputs=outputs, predictions=predicted)
+
+
+@router.get("/{job_id}/events")
+async def job_events(
+    job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
+) -> StreamingResponse:
+    """Server-sent events: ``status`` when it changes, ``metric`` rows as they arrive."""
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    factory = context.session_factory
+
+    def poll(last_step: int) -> tuple[str, results.Series]:
+        with factory() as poll_session:
+            current = poll_session.get(Job, job.id)
+            assert current is not None
+            series = results.read_series(session=poll_session, job=current, since_step=last_step)
+            return current.status, series
+
+    async def stream() -> AsyncIterator[str]:
+        last_status: str | None = None
+        seen: dict[str, int] = {}  # series name -> last step sent
+        while True:
+            since = min(seen.values()) if seen else -1
+            job_status, series = await run_in_threadpool(poll, since)
+            for name, points in series.items():
+                for step, value in points:
+                    if step <= seen.get(name, -1):
+                        continue
+                    payload = {"name": name, "step": step, "value": value}
+                    yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
+                    seen[name] = step
+            if job_status != last_status:
+                last_status = job_status
+                yield f"event: status\ndata: {json.dumps({'status': job_status})}\n\n"
+            if job_status in TERMINAL_STATUSES or await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

@@ -1,0 +1,43 @@
+"""What the API and the dispatcher share: settings, database, artifact store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.artifacts import ArtifactStore
+from service.db import make_engine, make_sessionmaker
+from service.jobs import Limits
+from service.settings import Settings
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    store: ArtifactStore
+    #: Workers the cluster can ever give one job; None when no Ray is attached.
+    cluster_workers: int | None = None
+    #: Whether /readyz must also see Ray (embedded mode and dispatchers).
+    needs_ray: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServiceContext:
+        engine = make_engine(settings.resolved_database_url())
+        return cls(
+            settings=settings,
+            engine=engine,
+            session_factory=make_sessionmaker(engine),
+            store=ArtifactStore(settings.resolved_artifact_dir()),
+            cluster_workers=settings.max_cluster_workers,
+        )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_total_params=self.settings.max_total_params, cluster_workers=self.cluster_workers
+        )

@@ -1,0 +1,171 @@
+"""Datasets of a team: built-ins registered at start, uploads stored as new versions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from core.data import (
+    BUILTIN_DATASETS,
+    Dataset,
+    DatasetUnavailable,
+    dataset_from_arrays,
+    load_dataset,
+    load_npz,
+)
+from service.artifacts import ArtifactStore
+from service.models import DatasetVersion, Team
+
+log = logging.getLogger(__name__)
+
+UPLOAD_KINDS = ("npz", "csv")
+LABEL_COLUMN = "label"
+
+
+class DatasetError(ValueError):
+    """An upload that is not a valid dataset; the message says why."""
+
+
+@dataclass(frozen=True)
+class ParsedUpload:
+    dataset: Dataset
+    npz: bytes
+
+
+def register_builtins(*, session: Session) -> list[str]:
+    """Record every built-in dataset available on this machine (once)."""
+    registered = []
+    for name in BUILTIN_DATASETS:
+        exists = session.scalars(
+            select(DatasetVersion).where(
+                DatasetVersion.team_id.is_(None), DatasetVersion.name == name
+            )
+        ).first()
+        if exists is not None:
+            registered.append(name)
+            continue
+        try:
+            dataset = load_dataset(name)
+        except DatasetUnavailable as exc:
+            log.info("built-in dataset %s not available: %s", name, exc)
+            continue
+        session.add(
+            DatasetVersion(
+                team_id=None,
+                name=name,
+                version=1,
+                kind=dataset.kind,
+                builtin=True,
+                input_shape=list(dataset.input_shape),
+                num_classes=dataset.num_classes,
+                num_samples=len(dataset.X)
+                + (len(dataset.X_test) if dataset.X_test is not None else 0),
+            )
+        )
+        registered.append(name)
+    session.commit()
+    return registered
+
+
+def parse_upload(data: bytes, *, kind: str, name: str) -> ParsedUpload:
+    """Validate an upload and normalise it to ``.npz`` bytes with ``X`` and ``y``."""
+    try:
+        if kind == "npz":
+            dataset = load_npz(data, name=name)
+        elif kind == "csv":
+            dataset = _dataset_from_csv(data, name=name)
+        else:
+            raise DatasetError(f"unsupported format {kind!r}; expected one of {UPLOAD_KINDS}")
+    except (ValueError, KeyError, OSError) as exc:
+        raise DatasetError(str(exc)) from None
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, X=dataset.X, y=dataset.y)
+    return ParsedUpload(dataset=dataset, npz=buffer.getvalue())
+
+
+def _dataset_from_csv(data: bytes, *, name: str) -> Dataset:
+    """Numeric columns and a ``label`` column (or the last one) holding class indices."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError("a .csv dataset must be UTF-8 text") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if len(rows) < 2:
+        raise DatasetError("a .csv dataset needs a header row and at least one data row")
+    header, body = rows[0], rows[1:]
+    label_index = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else len(header) - 1
+    try:
+        table = np.array([[float(cell) for cell in row] for row in body], dtype=np.float64)
+    except ValueError as exc:
+        raise DatasetError(f"every .csv cell must be a number: {exc}") from None
+    if table.ndim != 2 or table.shape[1] != len(header) or table.shape[1] < 2:
+        raise DatasetError("every .csv row needs as many cells as the header, at least two")
+    labels = table[:, label_index]
+    features = np.delete(table, label_index, axis=1)
+    if np.all(labels == np.round(labels)):
+        return dataset_from_arrays(features, labels.astype(np.int64), name=name)
+    return dataset_from_arrays(features, labels, name=name)
+
+
+def create_version(
+    *, session: Session, store: ArtifactStore, team: Team, name: str, upload: ParsedUpload
+) -> DatasetVersion:
+    """Store an upload as the next version of ``name`` for ``team``."""
+    sha256 = store.put(upload.npz)
+    latest = session.scalar(
+        select(func.max(DatasetVersion.version)).where(
+            DatasetVersion.team_id == team.id, DatasetVersion.name == name
+        )
+    )
+    dataset = upload.dataset
+    version = DatasetVersion(
+        team_id=team.id,
+        name=name,
+        version=(latest or 0) + 1,
+        kind=dataset.kind,
+        builtin=False,
+        sha256=sha256,
+        input_shape=list(dataset.input_shape),
+        num_classes=dataset.num_classes,
+        num_samples=len(dataset.X),
+    )
+    session.add(version)
+    session.commit()
+    return version
+
+
+def visible(team: Team) -> ColumnElement[bool]:
+    """Datasets a team may use: its own and the built-ins."""
+    return or_(DatasetVersion.team_id == team.id, DatasetVersion.team_id.is_(None))
+
+
+def resolve_version(
+    *, session: Session, team: Team, name: str, version: int | None
+) -> DatasetVersion | None:
+    """``name`` at ``version``, or its latest version; a team's upload shadows a built-in."""
+    query = select(DatasetVersion).where(visible(team), DatasetVersion.name == name)
+    if version is not None:
+        query = query.where(DatasetVersion.version == version)
+    query = query.order_by(DatasetVersion.team_id.is_(None), DatasetVersion.version.desc())
+    return session.scalars(query.limit(1)).first()
+
+
+def list_versions(*, session: Session, team: Team, name: str | None = None) -> list[DatasetVersion]:
+    query = select(DatasetVersion).where(visible(team))
+    if name is not None:
+        query = query.where(DatasetVersion.name == name)
+    return list(session.scalars(query.order_by(DatasetVersion.name, DatasetVersion.version)))
+
+
+def load_version(*, store: ArtifactStore, version: DatasetVersion) -> Dataset:
+    """The arrays of a dataset version (a built-in from its loader, an upload from the store)."""
+    if version.builtin:
+        return load_dataset(version.name)
+    assert version.sha256 is not None
+    return load_npz(store.get(version.sha256), name=version.name)

@@ -1,0 +1,32 @@
+"""Errors of the service layer; the app turns each into its HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Invalid(ServiceError):
+    """A 422 naming the field, in FastAPI's own shape: ``[{"loc", "msg", "type"}]``."""
+
+    status_code = 422
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__([{"loc": list(loc), "msg": msg, "type": "value_error"}])
+        self.loc = loc
+        self.msg = msg

@@ -1,0 +1,265 @@
+"""The job queue, kept in the database.
+
+A dispatcher claims the next job by priority then age (``FOR UPDATE SKIP LOCKED``
+on PostgreSQL; the write lock taken at ``BEGIN IMMEDIATE`` on SQLite), holds a
+lease that it renews by heartbeat, and writes everything of an attempt fenced by
+the attempt's number: once a lease has expired and the job was claimed again,
+the stale attempt's writes change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import utcnow, write_lock_session
+from service.models import Attempt, AttemptStatus, Job, JobStatus, Metric
+
+
+@dataclass(frozen=True)
+class RetryStrategy:
+    """Exponential backoff between attempts: ``base_s * 2**(attempt - 1)``, capped."""
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+
+    def delay_s(self, attempt: int) -> float:
+        return min(self.base_s * 2 ** max(attempt - 1, 0), self.max_s)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    attempt: int
+    team_id: int
+    spec: dict[str, Any]
+    dataset_name: str
+    dataset_version: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a heartbeat learns: whether the attempt still owns the job, and if a cancel is asked."""
+
+    held: bool
+    cancel_requested: bool
+
+
+def claim_next_job(
+    *,
+    session_factory: sessionmaker[Session],
+    owner: str,
+    lease_s: float,
+    now: datetime | None = None,
+) -> ClaimedJob | None:
+    """Claim the most urgent claimable job: queued (and past its backoff), or running
+    with an expired lease. Starts a new attempt; None when nothing is claimable."""
+    with write_lock_session(session_factory) as session:
+        while True:
+            now = now or utcnow()
+            job = session.scalars(
+                select(Job)
+                .where(
+                    or_(
+                        and_(Job.status == JobStatus.queued, Job.available_at <= now),
+                        and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+                    )
+                )
+                .order_by(Job.priority.desc(), Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if job is None:
+                session.commit()
+                return None
+            if job.status == JobStatus.running:
+                _mark_attempt(session, job.id, job.attempts, AttemptStatus.lost, "lease expired")
+                if job.attempts > job.max_retries:
+                    job.status = JobStatus.failed
+                    job.error = f"lease expired on attempt {job.attempts}; no retries left"
+                    job.finished_at = now
+                    job.lease_owner = None
+                    job.lease_expires_at = None
+                    session.flush()
+                    continue
+            job.status = JobStatus.running
+            job.attempts += 1
+            job.lease_owner = owner
+            job.lease_expires_at = now + timedelta(seconds=lease_s)
+            job.started_at = job.started_at or now
+            session.add(
+                Attempt(job_id=job.id, number=job.attempts, dispatcher=owner, started_at=now)
+            )
+            claimed = ClaimedJob(
+                id=job.id,
+                attempt=job.attempts,
+                team_id=job.team_id,
+                spec=job.spec,
+                dataset_name=job.dataset_name,
+                dataset_version=job.dataset_version,
+            )
+            session.commit()
+            return claimed
+
+
+def _fenced(job_id: int, attempt: int) -> Any:
+    """The condition every write of an attempt carries."""
+    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running)
+
+
+def _mark_attempt(
+    session: Session, job_id: int, number: int, status: AttemptStatus, error: str | None = None
+) -> None:
+    session.execute(
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.number == number)
+        .values(status=status, error=error, finished_at=utcnow())
+    )
+
+
+def renew_lease(
+    *, session_factory: sessionmaker[Session], job_id: int, attempt: int, lease_s: float
+) -> Lease:
+    """Extend the lease of a running attempt; ``held`` is False once it lost the job."""
+    with session_factory() as session:
+        expires = utcnow() + timedelta(seconds=lease_s)
+        result = session.execute(
+            update(Job)
+            .where(_fenced(job_id, attempt))
+            .values(lease_expires_at=expires)
+            .returning(Job.cancel_requested)
+        ).first()
+        session.commit()
+    if result is None:
+        return Lease(held=False, cancel_requested=False)
+    return Lease(held=True, cancel_requested=bool(result[0]))
+
+
+def finish_attempt(
+    *,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    attempt: int,
+    status: JobStatus,
+    error: str | None = None,
+    final_metrics: dict[str, float] | None = None,
+    model_sha256: str | None = None,
+) -> bool:
+    """End a job from its running attempt (succeeded, cancelled or failed for good)."""
+    attempt_status = {
+        JobStatus.succeeded: AttemptStatus.succeeded,
+        JobStatus.cancelled: AttemptStatus.cancelled,
+        JobStatus.failed: AttemptStatus.failed,
+    }[status]
+    with session_factory() as session:
+        now = utcnow()
+        values: dict[str, Any] = {
+            "status": status,
+            "error": error,
+            "finished_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if final_metrics is not None:
+            values["final_metrics"] = final_metrics
+        if model_sha256 is not None:
+            values["model_sha256"] = model_sha256
+        done = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
+        if done.rowcount:
+            _mark_attempt(session, job_id, attempt, attempt_status, error)
+        session.commit()
+        return bool(done.rowcount)
+
+
+def fail_attempt(
+    *,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    attempt: int,
+    error: str,
+    retry: RetryStrategy,
+) -> JobStatus | None:
+    """Record a failed attempt: the job is queued again after a backoff while retries
+    remain, else it fails. Returns the new status, or None if the attempt was stale."""
+    with write_lock_session(session_factory) as session:
+        job = session.scalars(select(Job).where(_fenced(job_id, attempt)).with_for_update()).first()
+        if job is None:
+            session.commit()
+            return None
+        now = utcnow()
+        _mark_attempt(session, job_id, attempt, AttemptStatus.failed, error)
+        if job.cancel_requested:
+            job.status = JobStatus.cancelled
+            job.finished_at = now
+        elif attempt <= job.max_retries:
+            job.status = JobStatus.queued
+            job.available_at = now + timedelta(seconds=retry.delay_s(attempt))
+        else:
+            job.status = JobStatus.failed
+            job.finished_at = now
+        job.error = error
+        job.lease_owner = None
+        job.lease_expires_at = None
+        status = job.status
+        session.commit()
+        return status
+
+
+def cancel_job(*, session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is asked to stop (its
+    dispatcher sees the request at its next heartbeat)."""
+    now = utcnow()
+    if job.status == JobStatus.queued:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.cancelled, finished_at=now, cancel_requested=True)
+        )
+    elif job.status == JobStatus.running:
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+
+
+def write_metrics(
+    *,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    attempt: int,
+    rows: Iterable[tuple[str, int, float]],
+) -> int:
+    """Insert ``(name, step, value)`` rows for a running attempt; a row that exists
+    already (an epoch redone after a resume) is kept as it was. Returns rows written,
+    or -1 when the attempt no longer owns the job."""
+    values = [
+        {
+            "job_id": job_id,
+            "name": name,
+            "step": int(step),
+            "value": float(value),
+            "attempt": attempt,
+        }
+        for name, step, value in rows
+    ]
+    with write_lock_session(session_factory) as session:
+        # FOR SHARE holds off a concurrent re-claim until these rows are in.
+        owner = session.execute(
+            select(Job.id).where(_fenced(job_id, attempt)).with_for_update(read=True)
+        ).first()
+        if owner is None:
+            session.commit()
+            return -1
+        if not values:
+            return 0
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = insert(Metric).on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
+        written = len(session.connection().execute(statement.returning(Metric.step), values).all())
+        session.commit()
+        return written

@@ -1,0 +1,94 @@
+"""What the API returns (the job spec itself is core's ``JobSpec``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class AttemptPublic(_Public):
+    number: int
+    status: str
+    dispatcher: str
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class JobPublic(_Public):
+    id: int
+    name: str
+    status: str
+    spec: dict[str, Any]
+    dataset_name: str
+    dataset_version: int
+    priority: int
+    max_retries: int
+    attempts: int
+    cancel_requested: bool
+    error: str | None
+    final_metrics: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobDetail(JobPublic):
+    attempt_history: list[AttemptPublic]
+    #: Queued jobs that will be claimed before this one (0 unless queued).
+    jobs_ahead: int
+    queue_wait_s: float | None
+    run_time_s: float | None
+    has_model: bool
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+    next_cursor: str | None
+
+
+class DatasetPublic(_Public):
+    name: str
+    version: int
+    kind: str
+    builtin: bool
+    input_shape: list[int]
+    num_classes: int | None
+    num_samples: int
+    created_at: datetime
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class CheckpointPublic(_Public):
+    epoch: int
+    step: int
+    attempt: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[Any]
+
+
+class PredictResponse(BaseModel):
+    outputs: list[Any]
+    predictions: list[Any]
