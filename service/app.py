@@ -12,9 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service.api import datasets, jobs
+from service.api.deps import TeamDep
 from service.artifacts import ArtifactNotFound
 from service.context import ServiceContext
 from service.errors import ServiceError
+from service.telemetry import make_registry
 
 API_PREFIX = "/api/v1"
 
@@ -29,8 +31,6 @@ def _ray_ready() -> bool:
 
 
 def create_app(context: ServiceContext) -> FastAPI:
-    from service.telemetry import make_registry
-
     app = FastAPI(title="trainq", version="0.1.0")
     app.state.context = context
     registry, latency = make_registry(context.session_factory)
@@ -85,8 +85,6 @@ def create_app(context: ServiceContext) -> FastAPI:
     api.include_router(jobs.router)
     api.include_router(datasets.router)
     app.include_router(api)
-
-    from service.api.deps import TeamDep
 
     @app.get("/metrics", tags=["health"])
     def prometheus(_team: TeamDep) -> Response:

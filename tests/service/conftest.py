@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from service.app import create_app
+from service.auth import create_token
 from service.context import ServiceContext
+from service.datasets import register_builtins
 from service.migrate import downgrade, upgrade
 from service.models import Base
 from service.settings import Settings
@@ -58,3 +63,28 @@ def context(database_url: str, tmp_path: Path) -> Iterator[ServiceContext]:
     _truncate(ctx)
     yield ctx
     ctx.engine.dispose()
+
+
+@dataclass
+class Api:
+    """The app in-process, with a token for each of two teams."""
+
+    client: TestClient
+    a: dict[str, str]
+    b: dict[str, str]
+    context: ServiceContext
+
+
+@pytest.fixture
+def api(context: ServiceContext) -> Iterator[Api]:
+    with context.session_factory() as session:
+        register_builtins(session=session)
+        _, token_a = create_token(session=session, team_name="team-a")
+        _, token_b = create_token(session=session, team_name="team-b")
+    with TestClient(create_app(context)) as client:
+        yield Api(
+            client=client,
+            a={"Authorization": f"Bearer {token_a}"},
+            b={"Authorization": f"Bearer {token_b}"},
+            context=context,
+        )

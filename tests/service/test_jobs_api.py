@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+from sqlalchemy import func, select
+
+from service.models import Job, JobStatus
+from tests.service.conftest import Api
+
+DIGITS_JOB = {
+    "name": "digits-mlp",
+    "dataset": {"name": "digits"},
+    "model": {
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 32},
+            {"type": "relu"},
+            {"type": "dense", "units": 10},
+        ],
+        "loss": "softmax_cross_entropy",
+    },
+    "optimizer": {"type": "adam", "lr": 0.01},
+    "training": {"epochs": 2, "batch_size": 64},
+    "resources": {"workers": 1},
+}
+
+
+def _job(**changes: object) -> dict:
+    spec = copy.deepcopy(DIGITS_JOB)
+    spec.update(changes)
+    return spec
+
+
+def _stored_jobs(api: Api) -> int:
+    with api.context.session_factory() as session:
+        return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def test_submit_then_read_list_and_cancel(api: Api) -> None:
+    created = api.client.post("/api/v1/jobs", json=_job(), headers=api.a)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["status"] == "queued" and job["dataset_version"] == 1
+    detail = api.client.get(f"/api/v1/jobs/{job['id']}", headers=api.a).json()
+    assert detail["jobs_ahead"] == 0 and detail["attempt_history"] == []
+    assert detail["spec"]["model"]["layers"][1]["units"] == 32
+    second = api.client.post("/api/v1/jobs", json=_job(name="other"), headers=api.a).json()
+    assert api.client.get(f"/api/v1/jobs/{second['id']}", headers=api.a).json()["jobs_ahead"] == 1
+
+    listed = api.client.get("/api/v1/jobs", headers=api.a).json()
+    assert [j["id"] for j in listed["data"]] == [second["id"], job["id"]]
+    assert listed["count"] == 2
+    only = api.client.get("/api/v1/jobs", params={"name": "other"}, headers=api.a).json()
+    assert [j["id"] for j in only["data"]] == [second["id"]]
+
+    cancelled = api.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=api.a)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    queued = api.client.get("/api/v1/jobs", params={"status": "queued"}, headers=api.a).json()
+    assert [j["id"] for j in queued["data"]] == [second["id"]]
+
+
+def test_cursor_pagination_walks_every_job_once(api: Api) -> None:
+    ids = [
+        api.client.post("/api/v1/jobs", json=_job(name=f"j{i}"), headers=api.a).json()["id"]
+        for i in range(7)
+    ]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+        page = api.client.get("/api/v1/jobs", params=params, headers=api.a).json()
+        seen += [j["id"] for j in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+
+
+def test_idempotency_key_returns_the_same_job(api: Api) -> None:
+    key = {"Idempotency-Key": "nightly-2026-11-28"}
+    headers = api.a | key
+    first = api.client.post("/api/v1/jobs", json=_job(), headers=headers)
+    again = api.client.post("/api/v1/jobs", json=_job(), headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert _stored_jobs(api) == 1
+    different = api.client.post("/api/v1/jobs", json=_job(name="changed"), headers=headers)
+    assert different.status_code == 409
+    other_team = api.client.post("/api/v1/jobs", json=_job(), headers=api.b | key)
+    assert other_team.status_code == 201 and other_team.json()["id"] != first.json()["id"]
+
+
+BAD_SPECS = [
+    ({"units": 0}, ["body", "model", "layers", 1, "units"]),
+    ({"type": "dense", "units": 10, "colour": "red"}, ["body", "model", "layers", 1, "colour"]),
+    ({"type": "convolution"}, ["body", "model", "layers", 1, "type"]),
+]
+
+
+@pytest.mark.parametrize(("layer", "loc"), BAD_SPECS, ids=["units", "extra", "type"])
+def test_invalid_layer_is_422_naming_the_field(api: Api, layer: dict, loc: list) -> None:
+    spec = _job()
+    spec["model"]["layers"][1] = {"type": "dense", **layer} if "type" not in layer else layer
+    response = api.client.post("/api/v1/jobs", json=spec, headers=api.a)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == loc
+    assert _stored_jobs(api) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "words"),
+    [
+        (
+            {
+                "model": {
+                    "layers": [{"type": "conv2d", "filters": 4, "kernel_size": 9}],
+                    "loss": "mse",
+                }
+            },
+            ["body", "model", "layers", 0, "kernel_size"],
+            "larger than the padded input",
+        ),
+        (
+            {
+                "model": {
+                    "layers": [{"type": "flatten"}, {"type": "dense", "units": 3}],
+                    "loss": "softmax_cross_entropy",
+                }
+            },
+            ["body", "model", "loss"],
+            "10 classes",
+        ),
+        ({"dataset": {"name": "nope"}}, ["body", "dataset", "name"], "no dataset named"),
+        ({"dataset": {"name": "digits", "version": 7}}, ["body", "dataset", "name"], "version 7"),
+        ({"resources": {"workers": 0}}, ["body", "resources", "workers"], "greater than"),
+        ({"resources": {"workers": 65}}, ["body", "resources", "workers"], "less than"),
+        ({"training": {"epochs": 0}}, ["body", "training", "epochs"], "greater than"),
+        ({"optimizer": {"type": "adam", "lr": -1}}, ["body", "optimizer", "lr"], "greater than"),
+        (
+            {
+                "model": {
+                    "layers": [
+                        {"type": "flatten"},
+                        {"type": "dense", "units": 65536},
+                        {"type": "dense", "units": 65536},
+                        {"type": "dense", "units": 10},
+                    ],
+                    "loss": "softmax_cross_entropy",
+                }
+            },
+            ["body", "model", "layers"],
+            "parameters",
+        ),
+    ],
+    ids=[
+        "kernel",
+        "loss",
+        "dataset",
+        "version",
+        "workers-low",
+        "workers-high",
+        "epochs",
+        "lr",
+        "params",
+    ],
+)
+def test_bad_job_is_422_and_stores_nothing(api: Api, change: dict, loc: list, words: str) -> None:
+    response = api.client.post("/api/v1/jobs", json=_job(**change), headers=api.a)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == loc
+    assert words in detail["msg"]
+    assert _stored_jobs(api) == 0
+
+
+def test_more_workers_than_the_cluster_has_is_refused(api: Api) -> None:
+    api.context.cluster_workers = 2
+    response = api.client.post("/api/v1/jobs", json=_job(resources={"workers": 3}), headers=api.a)
+    assert response.status_code == 422
+    assert "at most 2" in response.json()["detail"][0]["msg"]
+    assert _stored_jobs(api) == 0
+
+
+def test_malformed_and_oversized_bodies(api: Api) -> None:
+    bad_json = api.client.post(
+        "/api/v1/jobs", content=b"{not json", headers=api.a | {"Content-Type": "application/json"}
+    )
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["detail"]
+    not_object = api.client.post("/api/v1/jobs", json=[1, 2], headers=api.a)
+    assert not_object.status_code == 422
+    big = {"name": "x" * (api.context.settings.max_body_bytes + 1)}
+    too_large = api.client.post("/api/v1/jobs", json=big, headers=api.a)
+    assert too_large.status_code == 413
+    assert _stored_jobs(api) == 0
+
+
+ROUTES = [
+    ("post", "/api/v1/jobs"),
+    ("get", "/api/v1/jobs"),
+    ("get", "/api/v1/jobs/1"),
+    ("post", "/api/v1/jobs/1/cancel"),
+    ("get", "/api/v1/jobs/1/metrics"),
+    ("get", "/api/v1/jobs/1/events"),
+    ("get", "/api/v1/jobs/1/checkpoints"),
+    ("get", "/api/v1/jobs/1/model"),
+    ("post", "/api/v1/jobs/1/predict"),
+    ("post", "/api/v1/datasets?name=x&format=npz"),
+    ("get", "/api/v1/datasets"),
+    ("get", "/api/v1/datasets/digits"),
+    ("get", "/metrics"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_every_route_needs_a_token(api: Api, method: str, path: str) -> None:
+    missing = api.client.request(method, path)
+    wrong = api.client.request(method, path, headers={"Authorization": "Bearer tq_wrong"})
+    assert missing.status_code == 401 and wrong.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_health_needs_no_token(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [
+        ("get", ""),
+        ("post", "/cancel"),
+        ("get", "/metrics"),
+        ("get", "/checkpoints"),
+        ("get", "/model"),
+        ("get", "/events"),
+    ],
+)
+def test_another_teams_job_is_not_found(api: Api, method: str, suffix: str) -> None:
+    job = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()
+    response = api.client.request(method, f"/api/v1/jobs/{job['id']}{suffix}", headers=api.b)
+    assert response.status_code == 404
+    assert api.client.get("/api/v1/jobs", headers=api.b).json()["count"] == 0
+    with api.context.session_factory() as session:
+        assert session.get(Job, job["id"]).status == JobStatus.queued
+
+
+def test_prometheus_metrics(api: Api) -> None:
+    api.client.post("/api/v1/jobs", json=_job(), headers=api.a)
+    text = api.client.get("/metrics", headers=api.a).text
+    assert 'trainq_jobs{status="queued"} 1.0' in text
+    assert "trainq_http_request_duration_seconds_bucket" in text
