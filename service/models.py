@@ -159,7 +159,7 @@ class DatasetVersion(Base):
     )
     name: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32))
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     input_shape: Mapped[list[int]] = mapped_column(JSON)

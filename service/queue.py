@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import utcnow, write_lock_session
-from service.models import Attempt, AttemptStatus, Job, JobStatus, Metric
+from service.models import Attempt, AttemptStatus, Checkpoint, Job, JobStatus, Metric
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,47 @@ def cancel_job(*, session: Session, job: Job) -> None:
     session.refresh(job)
 
 
+def record_checkpoint(
+    *,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    attempt: int,
+    epoch: int,
+    step: int,
+    sha256: str,
+    size_bytes: int,
+) -> bool:
+    """Record a stored checkpoint of a running attempt (once per epoch); False when
+    the attempt no longer owns the job."""
+    with write_lock_session(session_factory) as session:
+        owner = session.execute(
+            select(Job.id).where(_fenced(job_id, attempt)).with_for_update(read=True)
+        ).first()
+        if owner is None:
+            session.commit()
+            return False
+        insert = _insert_for(session)
+        session.execute(
+            insert(Checkpoint)
+            .values(
+                job_id=job_id,
+                attempt=attempt,
+                epoch=epoch,
+                step=step,
+                sha256=sha256,
+                size_bytes=size_bytes,
+            )
+            .on_conflict_do_nothing(index_elements=["job_id", "epoch"])
+        )
+        session.commit()
+        return True
+
+
+def _insert_for(session: Session) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
 def write_metrics(
     *,
     session_factory: sessionmaker[Session],
@@ -257,9 +298,9 @@ def write_metrics(
             return -1
         if not values:
             return 0
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(Metric).on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
+        statement = _insert_for(session)(Metric).on_conflict_do_nothing(
+            index_elements=["job_id", "name", "step"]
+        )
         written = len(session.connection().execute(statement.returning(Metric.step), values).all())
         session.commit()
         return written

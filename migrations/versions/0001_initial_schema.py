@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column("team_id", sa.Integer(), nullable=True),
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("builtin", sa.Boolean(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=True),
         sa.Column("input_shape", sa.JSON(), nullable=False),

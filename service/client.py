@@ -1,0 +1,84 @@
+"""A small client of the REST API, used by the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.settings import get_settings
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TOKEN_FILE = "token"
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status_code: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+def default_token() -> str | None:
+    """``TRAINQ_TOKEN``, else the token that ``trainq up`` saved under ``TRAINQ_HOME``."""
+    token = os.environ.get("TRAINQ_TOKEN")
+    if token:
+        return token
+    path = get_settings().home / TOKEN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+        self.url = (url or os.environ.get("TRAINQ_URL") or DEFAULT_URL).rstrip("/")
+        token = token or default_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response
+
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post("/api/v1/jobs", json=spec, headers=headers)).json()
+
+    def jobs(self, **params: Any) -> dict[str, Any]:
+        params = {k: v for k, v in params.items() if v is not None}
+        return self._check(self.http.get("/api/v1/jobs", params=params)).json()
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._check(self.http.get(f"/api/v1/jobs/{job_id}")).json()
+
+    def metrics(self, job_id: int, **params: Any) -> httpx.Response:
+        params = {k: v for k, v in params.items() if v is not None}
+        return self._check(self.http.get(f"/api/v1/jobs/{job_id}/metrics", params=params))
+
+    def events(self, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(event, data)`` pairs from the job's server-sent events until it ends."""
+        with self.http.stream("GET", f"/api/v1/jobs/{job_id}/events", timeout=None) as response:
+            self._check(response)
+            event = "message"
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    yield event, json.loads(line[5:])
+                    event = "message"
+
+
+def save_token(home: Path, token: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / TOKEN_FILE
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path

@@ -1,0 +1,276 @@
+"""The dispatcher: claims jobs from the queue, runs them, writes what they produce.
+
+Workers never touch the database or the artifact store: the runner hands back
+metrics, checkpoints and the final model through callbacks, and the dispatcher
+writes each of them fenced by the attempt's number. A heartbeat thread renews
+the lease and notices a cancel request or a lost lease, which the runner sees
+through ``should_cancel`` at its next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from core import Dataset, JobSpec, parse_job_spec
+from service import queue
+from service.context import ServiceContext
+from service.datasets import load_version, resolve_version
+from service.models import Checkpoint, JobStatus, Team
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0
+
+
+class LeaseLost(RuntimeError):
+    """The attempt no longer owns its job; its results are dropped."""
+
+
+class JobCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class RunCallbacks:
+    on_epoch: Callable[[int, int, dict[str, float]], None]
+    on_step: Callable[[int, float], None]
+    on_checkpoint: Callable[[int, int, bytes], None]
+    on_event: Callable[[str, dict[str, Any]], None]
+    should_cancel: Callable[[], bool]
+
+
+@dataclass
+class RunOutcome:
+    model: bytes
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False
+
+
+class JobRunner(Protocol):
+    def __call__(
+        self, *, job: JobSpec, dataset: Dataset, resume: bytes | None, callbacks: RunCallbacks
+    ) -> RunOutcome: ...
+
+
+def local_runner(
+    *, job: JobSpec, dataset: Dataset, resume: bytes | None, callbacks: RunCallbacks
+) -> RunOutcome:
+    """Runs a job in this process with ``core.fit``, without Ray."""
+    from core import fit
+    from core.data import split_indices
+
+    n_train = len(
+        split_indices(len(dataset.X), job.training.validation_split, job.training.seed)[0]
+    )
+    steps_per_epoch = math.ceil(n_train / job.training.batch_size)
+    history: list[dict[str, float]] = []
+
+    def on_step(step: int, loss: float) -> None:
+        if callbacks.should_cancel():
+            raise JobCancelled
+        if step % job.training.log_every_steps == 0:
+            callbacks.on_step(step, loss)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        history.append(metrics)
+        callbacks.on_epoch(epoch, epoch * steps_per_epoch, metrics)
+
+    def on_checkpoint(epoch: int, state: bytes) -> None:
+        callbacks.on_checkpoint(epoch, epoch * steps_per_epoch, state)
+
+    try:
+        result = fit(
+            job,
+            dataset,
+            resume=resume,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            on_checkpoint=on_checkpoint,
+        )
+    except JobCancelled:
+        return RunOutcome(model=b"", cancelled=True)
+    final = dict(history[-1]) if history else {}
+    final.update(result.test)
+    return RunOutcome(model=result.trainer.save(), final_metrics=final)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        context: ServiceContext,
+        *,
+        runner: JobRunner = local_runner,
+        owner: str | None = None,
+    ) -> None:
+        self.context = context
+        self.runner = runner
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.retry = queue.RetryStrategy(
+            base_s=context.settings.retry_backoff_s, max_s=context.settings.retry_backoff_max_s
+        )
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except SQLAlchemyError:
+                log.exception("database error in the dispatcher loop; retrying")
+                worked = False
+            if not worked:
+                stop.wait(IDLE_POLL_S)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had nothing to claim."""
+        settings = self.context.settings
+        claimed = queue.claim_next_job(
+            session_factory=self.context.session_factory, owner=self.owner, lease_s=settings.lease_s
+        )
+        if claimed is None:
+            return False
+        _Attempt(self, claimed).run()
+        return True
+
+
+class _Attempt:
+    """One attempt at one job, from claim to a final write."""
+
+    def __init__(self, dispatcher: Dispatcher, claimed: queue.ClaimedJob) -> None:
+        self.dispatcher = dispatcher
+        self.context = dispatcher.context
+        self.claimed = claimed
+        self.fence = {
+            "session_factory": self.context.session_factory,
+            "job_id": claimed.id,
+            "attempt": claimed.attempt,
+        }
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="trainq-heartbeat")
+        heartbeat.start()
+        try:
+            self._run()
+        except LeaseLost:
+            log.warning("job %s attempt %s lost its lease", self.claimed.id, self.claimed.attempt)
+        except Exception as exc:  # the attempt fails; the queue decides about a retry
+            log.exception("job %s attempt %s failed", self.claimed.id, self.claimed.attempt)
+            error = f"{type(exc).__name__}: {exc}"
+            if len(error) > 2000:
+                error = error[:2000]
+            queue.fail_attempt(**self.fence, error=error, retry=self.dispatcher.retry)
+            log.debug("%s", traceback.format_exc())
+        finally:
+            self.done.set()
+            heartbeat.join(timeout=5)
+
+    def _heartbeat(self) -> None:
+        settings = self.context.settings
+        while not self.done.wait(settings.heartbeat_s):
+            try:
+                lease = queue.renew_lease(**self.fence, lease_s=settings.lease_s)
+            except SQLAlchemyError:
+                log.exception("heartbeat failed; trying again")
+                continue
+            if not lease.held:
+                self.lost.set()
+                return
+            if lease.cancel_requested:
+                self.cancel_requested.set()
+
+    def _should_stop(self) -> bool:
+        if self.lost.is_set():
+            raise LeaseLost
+        return self.cancel_requested.is_set()
+
+    def _run(self) -> None:
+        claimed = self.claimed
+        job = parse_job_spec(claimed.spec)
+        with self.context.session_factory() as session:
+            team = session.get(Team, claimed.team_id)
+            assert team is not None
+            version = resolve_version(
+                session=session,
+                team=team,
+                name=claimed.dataset_name,
+                version=claimed.dataset_version,
+            )
+            if version is None:
+                raise LookupError(
+                    f"dataset {claimed.dataset_name} v{claimed.dataset_version} is gone"
+                )
+            resume = self._latest_checkpoint(session)
+        dataset = load_version(store=self.context.store, version=version)
+        lease = queue.renew_lease(**self.fence, lease_s=self.context.settings.lease_s)
+        if not lease.held:
+            raise LeaseLost
+        if lease.cancel_requested:
+            self.cancel_requested.set()
+        outcome = self.dispatcher.runner(
+            job=job,
+            dataset=dataset,
+            resume=resume,
+            callbacks=RunCallbacks(
+                on_epoch=self._on_epoch,
+                on_step=self._on_step,
+                on_checkpoint=self._on_checkpoint,
+                on_event=self._on_event,
+                should_cancel=self._should_stop,
+            ),
+        )
+        if outcome.cancelled:
+            queue.finish_attempt(**self.fence, status=JobStatus.cancelled, error="cancelled")
+            return
+        sha256 = self.context.store.put(outcome.model)
+        if not queue.finish_attempt(
+            **self.fence,
+            status=JobStatus.succeeded,
+            final_metrics=outcome.final_metrics,
+            model_sha256=sha256,
+        ):
+            raise LeaseLost
+
+    def _latest_checkpoint(self, session: Any) -> bytes | None:
+        from sqlalchemy import select
+
+        row = session.scalars(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == self.claimed.id)
+            .order_by(Checkpoint.epoch.desc())
+            .limit(1)
+        ).first()
+        return self.context.store.get(row.sha256) if row is not None else None
+
+    def _write(self, rows: list[tuple[str, int, float]]) -> None:
+        if queue.write_metrics(**self.fence, rows=rows) < 0:
+            raise LeaseLost
+
+    def _on_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        rows = [(name, step, value) for name, value in metrics.items()]
+        rows.append(("epoch", step, float(epoch)))
+        self._write(rows)
+
+    def _on_step(self, step: int, loss: float) -> None:
+        self._write([("loss", step, loss)])
+
+    def _on_event(self, kind: str, detail: dict[str, Any]) -> None:
+        log.info("job %s: %s %s", self.claimed.id, kind, detail)
+
+    def _on_checkpoint(self, epoch: int, step: int, state: bytes) -> None:
+        sha256 = self.context.store.put(state)
+        if not queue.record_checkpoint(
+            **self.fence, epoch=epoch, step=step, sha256=sha256, size_bytes=len(state)
+        ):
+            raise LeaseLost

@@ -1,0 +1,95 @@
+"""The dispatcher's write path with the in-process runner (the Ray path is in tests/e2e)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from sqlalchemy import select
+
+from core import load_dataset
+from service.dispatcher import Dispatcher
+from service.models import Attempt, AttemptStatus, Job, JobStatus
+from tests.service.conftest import Api
+from tests.service.test_jobs_api import _job
+
+
+def test_a_job_runs_and_everything_it_made_is_retrievable(api: Api) -> None:
+    spec = _job(
+        training={
+            "epochs": 3,
+            "batch_size": 32,
+            "log_every_steps": 10,
+            "checkpoint_every_epochs": 1,
+        }
+    )
+    job = api.client.post("/api/v1/jobs", json=spec, headers=api.a).json()
+    dispatcher = Dispatcher(api.context)
+    assert dispatcher.run_once()
+    assert not dispatcher.run_once()
+
+    detail = api.client.get(f"/api/v1/jobs/{job['id']}", headers=api.a).json()
+    assert detail["status"] == "succeeded", detail["error"]
+    assert detail["has_model"] and detail["attempts"] == 1
+    assert detail["final_metrics"]["test_accuracy"] > 0.85
+    assert [a["status"] for a in detail["attempt_history"]] == ["succeeded"]
+
+    metrics = api.client.get(f"/api/v1/jobs/{job['id']}/metrics", headers=api.a).json()["series"]
+    assert len(metrics["train_loss"]["values"]) == 3
+    assert metrics["epoch"]["values"] == [1.0, 2.0, 3.0]
+    assert "grad_norm/1.dense" in metrics and "update_ratio/3.dense" in metrics
+    assert metrics["loss"]["steps"][:2] == [10, 20]
+    csv_text = api.client.get(
+        f"/api/v1/jobs/{job['id']}/metrics",
+        params={"format": "csv", "names": "val_accuracy"},
+        headers=api.a,
+    ).text
+    assert csv_text.splitlines()[0] == "name,step,value" and len(csv_text.splitlines()) == 4
+
+    checkpoints = api.client.get(f"/api/v1/jobs/{job['id']}/checkpoints", headers=api.a).json()
+    assert [c["epoch"] for c in checkpoints["data"]] == [1, 2, 3]
+
+    model = api.client.get(f"/api/v1/jobs/{job['id']}/model", headers=api.a)
+    assert model.status_code == 200
+    with np.load(io.BytesIO(model.content), allow_pickle=False) as state:
+        assert state["model/1.W"].shape == (64, 32)
+
+    digits = load_dataset("digits")
+    inputs = digits.X_test[:20]
+    answer = api.client.post(
+        f"/api/v1/jobs/{job['id']}/predict", json={"inputs": inputs.tolist()}, headers=api.a
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert np.asarray(body["outputs"]).shape == (20, 10)
+    predicted = np.asarray(body["predictions"])
+    assert (predicted == digits.y_test[:20]).mean() >= 0.8
+    wrong_shape = api.client.post(
+        f"/api/v1/jobs/{job['id']}/predict", json={"inputs": [[1.0, 2.0]]}, headers=api.a
+    )
+    assert wrong_shape.status_code == 422
+    assert wrong_shape.json()["detail"][0]["loc"] == ["body", "inputs"]
+
+
+def test_a_failing_job_is_retried_then_fails_with_each_error(api: Api) -> None:
+    job = api.client.post("/api/v1/jobs", json=_job(max_retries=1), headers=api.a).json()
+    calls = []
+
+    def broken_runner(**kwargs: object) -> None:
+        calls.append(kwargs)
+        raise RuntimeError(f"worker exploded {len(calls)}")
+
+    api.context.settings.retry_backoff_s = 0.0
+    dispatcher = Dispatcher(api.context, runner=broken_runner)
+    assert dispatcher.run_once() and dispatcher.run_once()
+    assert not dispatcher.run_once()
+    with api.context.session_factory() as session:
+        row = session.get(Job, job["id"])
+        assert row.status == JobStatus.failed and row.attempts == 2
+        attempts = session.execute(
+            select(Attempt.status, Attempt.error).order_by(Attempt.number)
+        ).all()
+    assert attempts == [
+        (AttemptStatus.failed, "RuntimeError: worker exploded 1"),
+        (AttemptStatus.failed, "RuntimeError: worker exploded 2"),
+    ]
