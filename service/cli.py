@@ -80,9 +80,251 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    import threading
+
+    from service import roles
+    from service.settings import get_settings
+
+    settings = get_settings()
+    context = roles.prepare(settings)
+    token = roles.first_admin_token(context)
+    resources = roles.start_ray(settings)
+    context.needs_ray = True
+    context.cluster_workers = int(resources.get("CPU", 1))
+    stop = threading.Event()
+    roles.run_dispatchers(context, count=args.dispatchers, runner=roles.job_runner(), stop=stop)
+    url = f"http://{args.host}:{args.port}"
+    print(f"trainq is up: data under {settings.home.resolve()}")
+    print(f"dashboard: {url}/")
+    print(f"API: {url}/api/v1  (OpenAPI docs at {url}/docs)")
+    if token is not None:
+        print("admin token for team 'default' (shown once; saved for the CLI):")
+        print(token)
+    try:
+        roles.serve(context, host=args.host, port=args.port)
+    finally:
+        stop.set()
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    from service import roles
+    from service.context import ServiceContext
+    from service.settings import get_settings
+
+    context = ServiceContext.from_settings(get_settings())
+    roles.serve(context, host=args.host, port=args.port)
+    return 0
+
+
+def _dispatcher(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from service import roles
+    from service.context import ServiceContext
+    from service.settings import get_settings
+
+    settings = get_settings()
+    context = ServiceContext.from_settings(settings)
+    roles.start_ray(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = roles.run_dispatchers(context, count=args.count, runner=roles.job_runner(), stop=stop)
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade
+    from service.settings import get_settings
+
+    url = get_settings().resolved_database_url()
+    get_settings().home.mkdir(parents=True, exist_ok=True)
+    upgrade(url, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from service.auth import create_token
+    from service.context import ServiceContext
+    from service.settings import get_settings
+
+    context = ServiceContext.from_settings(get_settings())
+    with context.session_factory() as session:
+        team, token = create_token(session=session, team_name=args.team)
+    print(f"token for team {team.name!r} (shown once):")
+    print(token)
+    return 0
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202 - lazily imported type
+    from service.client import Client
+
+    return Client(url=args.url, token=args.token)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    spec = json.loads(Path(args.file).read_text())
+    job = _client(args).submit(spec, idempotency_key=args.idempotency_key)
+    print(f"job {job['id']} {job['status']}: {job['name']}")
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    page = _client(args).jobs(status=args.status, name=args.name, limit=args.limit)
+    print(f"{'id':>6}  {'status':<10} {'name':<28} {'created':<20} metrics")
+    for job in page["data"]:
+        final = job.get("final_metrics") or {}
+        shown = "  ".join(
+            f"{k} {final[k]:.4g}" for k in ("val_accuracy", "test_accuracy") if k in final
+        )
+        print(
+            f"{job['id']:>6}  {job['status']:<10} {job['name'][:28]:<28} "
+            f"{job['created_at'][:19]:<20} {shown}"
+        )
+    print(f"{len(page['data'])} of {page['count']} jobs")
+    return 0
+
+
+class _EpochPrinter:
+    """Turns a job's metric events into one line per finished epoch, with a live
+    line of the latest loss in between when the output is a terminal."""
+
+    SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "samples_per_s")
+
+    def __init__(self, epochs: int, stream: TextIO = sys.stderr) -> None:
+        self.epochs = epochs
+        self.stream = stream
+        self.live = stream.isatty()
+        self.pending_step: int | None = None
+        self.rows: dict[int, dict[str, float]] = {}
+        self.done = 0
+        self.loss = float("nan")
+
+    def metric(self, name: str, step: int, value: float) -> None:
+        if self.pending_step is not None and step != self.pending_step:
+            self.flush()
+        if name == "loss":
+            self.loss = value
+            if self.live:
+                filled = BAR_WIDTH * self.done // max(self.epochs, 1)
+                bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+                self.stream.write(
+                    f"\repoch {self.done + 1}/{self.epochs} [{bar}] loss {value:.4f}\033[K"
+                )
+                self.stream.flush()
+            return
+        self.rows.setdefault(step, {})[name] = value
+        if name == "epoch":
+            self.pending_step = step
+
+    def flush(self) -> None:
+        if self.pending_step is None:
+            return
+        row = self.rows.pop(self.pending_step, {})
+        self.pending_step = None
+        self.done = int(row.get("epoch", self.done + 1))
+        parts = "  ".join(f"{k} {row[k]:.4g}" for k in self.SHOWN if k in row)
+        prefix = "\r" if self.live else ""
+        self.stream.write(
+            f"{prefix}epoch {self.done}/{self.epochs}  {parts}\033[K\n"
+            if self.live
+            else f"epoch {self.done}/{self.epochs}  {parts}\n"
+        )
+        self.stream.flush()
+
+
+def _watch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.job(args.job_id)
+    print(f"job {job['id']} {job['name']}: {job['status']}")
+    printer = _EpochPrinter(job["spec"]["training"]["epochs"])
+    for event, data in client.events(args.job_id):
+        if event == "status":
+            printer.flush()
+            print(f"status: {data['status']}", file=sys.stderr)
+        elif event == "metric":
+            printer.metric(data["name"], data["step"], data["value"])
+    printer.flush()
+    final = client.job(args.job_id)
+    print(f"job {final['id']} {final['status']}")
+    for name, value in (final.get("final_metrics") or {}).items():
+        if "/" not in name:
+            print(f"  {name} {value:.4g}")
+    if final.get("error"):
+        print(f"  error: {final['error']}")
+    return 0 if final["status"] == "succeeded" else 1
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    response = _client(args).metrics(
+        args.job_id, names=args.names, format="csv", max_points=args.max_points
+    )
+    sys.stdout.write(response.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainq", description="trainq: train neural networks")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="embedded mode: API, dispatcher, local Ray, SQLite")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--dispatchers", type=int, default=1)
+    up.set_defaults(run=_up)
+    api = commands.add_parser("api", help="serve the REST API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(run=_api)
+    dispatcher = commands.add_parser("dispatcher", help="claim and run queued jobs on Ray")
+    dispatcher.add_argument("--count", type=int, default=1, help="dispatcher threads")
+    dispatcher.set_defaults(run=_dispatcher)
+
+    db = commands.add_parser("db", help="database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_commands.add_parser("upgrade", help="apply migrations")
+    db_upgrade.add_argument("revision", nargs="?", default="head")
+    db_upgrade.set_defaults(run=_db_upgrade)
+
+    token = commands.add_parser("token", help="API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_create = token_commands.add_parser("create", help="create a token (and the team)")
+    token_create.add_argument("--team", required=True)
+    token_create.set_defaults(run=_token_create)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--url", help="API base URL (TRAINQ_URL, default 127.0.0.1:8000)")
+        command.add_argument("--token", help="API token (TRAINQ_TOKEN, or the one 'up' saved)")
+        return command
+
+    submit = client_command("submit", "submit a job spec")
+    submit.add_argument("file")
+    submit.add_argument("--idempotency-key")
+    submit.set_defaults(run=_submit)
+    jobs = client_command("jobs", "list jobs")
+    jobs.add_argument("--status")
+    jobs.add_argument("--name")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(run=_jobs)
+    watch = client_command("watch", "follow a job live")
+    watch.add_argument("job_id", type=int)
+    watch.set_defaults(run=_watch)
+    metrics = client_command("metrics", "a job's metrics as CSV")
+    metrics.add_argument("job_id", type=int)
+    metrics.add_argument("--names")
+    metrics.add_argument("--max-points", type=int)
+    metrics.set_defaults(run=_metrics)
+
     train = commands.add_parser("train", help="train a job spec in this process")
     train.add_argument("file", help="job spec (JSON)")
     train.add_argument("--epochs", type=int, help="override training.epochs")
@@ -101,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DatasetUnavailable, KeyError, OSError, json.JSONDecodeError) as exc:
         print(f"trainq: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from service.client import ApiError
+
+        if isinstance(exc, ApiError):
+            print(f"trainq: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -191,13 +191,16 @@ async def job_events(
         while True:
             since = min(seen.values()) if seen else -1
             job_status, series = await run_in_threadpool(poll, since)
-            for name, points in series.items():
-                for step, value in points:
-                    if step <= seen.get(name, -1):
-                        continue
-                    payload = {"name": name, "step": step, "value": value}
-                    yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
-                    seen[name] = step
+            fresh = sorted(
+                (step, name, value)
+                for name, points in series.items()
+                for step, value in points
+                if step > seen.get(name, -1)
+            )
+            for step, name, value in fresh:  # in the order training produced them
+                payload = {"name": name, "step": step, "value": value}
+                yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
+                seen[name] = step
             if job_status != last_status:
                 last_status = job_status
                 yield f"event: status\ndata: {json.dumps({'status': job_status})}\n\n"
