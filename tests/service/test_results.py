@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+import math
+
+from service import queue
+from service.results import downsample
+from tests.service.conftest import Api
+from tests.service.test_jobs_api import _job
+
+
+def _running_job(api: Api) -> tuple[int, int]:
+    job = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()
+    claimed = queue.claim_next_job(
+        session_factory=api.context.session_factory, owner="t", lease_s=60
+    )
+    assert claimed is not None and claimed.id == job["id"]
+    return job["id"], claimed.attempt
+
+
+def test_downsampling_keeps_first_last_and_extremes() -> None:
+    points = [(i, math.sin(i / 50.0)) for i in range(10_000)]
+    points[4321] = (4321, 99.0)
+    points[777] = (777, -99.0)
+    kept = downsample(points, 200)
+    assert len(kept) <= 200
+    assert kept[0] == points[0] and kept[-1] == points[-1]
+    assert (4321, 99.0) in kept and (777, -99.0) in kept
+    assert [s for s, _ in kept] == sorted(s for s, _ in kept)
+    assert downsample(points[:50], 200) == points[:50]
+
+
+def test_metrics_filters_downsampling_and_csv(api: Api) -> None:
+    job_id, attempt = _running_job(api)
+    rows = [("loss", step, 1.0 / step) for step in range(1, 1001)]
+    rows += [("val_accuracy", step, step / 1000) for step in (250, 500, 750, 1000)]
+    assert queue.write_metrics(
+        session_factory=api.context.session_factory, job_id=job_id, attempt=attempt, rows=rows
+    ) == len(rows)
+    url = f"/api/v1/jobs/{job_id}/metrics"
+    full = api.client.get(url, headers=api.a).json()["series"]
+    assert len(full["loss"]["steps"]) == 1000 and full["val_accuracy"]["values"][-1] == 1.0
+    named = api.client.get(url, params={"names": "val_accuracy"}, headers=api.a).json()["series"]
+    assert list(named) == ["val_accuracy"]
+    since = api.client.get(url, params={"since_step": 990, "names": "loss"}, headers=api.a).json()
+    assert since["series"]["loss"]["steps"] == list(range(991, 1001))
+    small = api.client.get(url, params={"max_points": 50}, headers=api.a).json()["series"]
+    assert len(small["loss"]["steps"]) <= 50 and small["loss"]["values"][0] == 1.0
+    text = api.client.get(url, params={"format": "csv", "names": "val_accuracy"}, headers=api.a)
+    assert text.headers["content-type"].startswith("text/csv")
+    assert text.text.splitlines() == [
+        "name,step,value",
+        "val_accuracy,250,0.25",
+        "val_accuracy,500,0.5",
+        "val_accuracy,750,0.75",
+        "val_accuracy,1000,1.0",
+    ]
+    assert api.client.get(url, params={"max_points": 1}, headers=api.a).status_code == 422
+
+
+def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
+    job_id, attempt = _running_job(api)
+    factory = api.context.session_factory
+    queue.write_metrics(
+        session_factory=factory,
+        job_id=job_id,
+        attempt=attempt,
+        rows=[("val_loss", 10, 0.5), ("loss", 5, 0.9), ("loss", 10, 0.7)],
+    )
+    queue.finish_attempt(
+        session_factory=factory, job_id=job_id, attempt=attempt, status=queue.JobStatus.succeeded
+    )
+    events = []
+    with api.client.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=api.a) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+    assert events == [
+        ("metric", {"name": "loss", "step": 5, "value": 0.9}),
+        ("metric", {"name": "loss", "step": 10, "value": 0.7}),
+        ("metric", {"name": "val_loss", "step": 10, "value": 0.5}),
+        ("status", {"status": "succeeded"}),
+    ]
