@@ -63,46 +63,92 @@ class JobRunner(Protocol):
     ) -> RunOutcome: ...
 
 
+@dataclass
+class _FitCallbacks:
+    """The runner's callbacks in the ``(epoch, ...)`` form that ``core.fit`` and
+    ``workers.run_job`` call, with the step each epoch ends on filled in."""
+
+    callbacks: RunCallbacks
+    log_every_steps: int
+    steps_per_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def for_job(cls, job: JobSpec, dataset: Dataset, callbacks: RunCallbacks) -> _FitCallbacks:
+        from core.data import split_indices
+
+        training = job.training
+        n_train = len(split_indices(len(dataset.X), training.validation_split, training.seed)[0])
+        return cls(
+            callbacks=callbacks,
+            log_every_steps=training.log_every_steps,
+            steps_per_epoch=math.ceil(n_train / training.batch_size),
+        )
+
+    def on_step(self, step: int, loss: float) -> None:
+        if self.callbacks.should_cancel():
+            raise JobCancelled
+        if step % self.log_every_steps == 0:
+            self.callbacks.on_step(step, loss)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        self.callbacks.on_epoch(epoch, epoch * self.steps_per_epoch, metrics)
+
+    def on_checkpoint(self, epoch: int, state: bytes) -> None:
+        self.callbacks.on_checkpoint(epoch, epoch * self.steps_per_epoch, state)
+
+    def final_metrics(self, test: dict[str, float]) -> dict[str, float]:
+        final = dict(self.history[-1]) if self.history else {}
+        final.update(test)
+        return final
+
+
 def local_runner(
     *, job: JobSpec, dataset: Dataset, resume: bytes | None, callbacks: RunCallbacks
 ) -> RunOutcome:
     """Runs a job in this process with ``core.fit``, without Ray."""
     from core import fit
-    from core.data import split_indices
 
-    n_train = len(
-        split_indices(len(dataset.X), job.training.validation_split, job.training.seed)[0]
-    )
-    steps_per_epoch = math.ceil(n_train / job.training.batch_size)
-    history: list[dict[str, float]] = []
-
-    def on_step(step: int, loss: float) -> None:
-        if callbacks.should_cancel():
-            raise JobCancelled
-        if step % job.training.log_every_steps == 0:
-            callbacks.on_step(step, loss)
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        history.append(metrics)
-        callbacks.on_epoch(epoch, epoch * steps_per_epoch, metrics)
-
-    def on_checkpoint(epoch: int, state: bytes) -> None:
-        callbacks.on_checkpoint(epoch, epoch * steps_per_epoch, state)
-
+    adapter = _FitCallbacks.for_job(job, dataset, callbacks)
     try:
         result = fit(
             job,
             dataset,
             resume=resume,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            on_checkpoint=on_checkpoint,
+            on_step=adapter.on_step,
+            on_epoch=adapter.on_epoch,
+            on_checkpoint=adapter.on_checkpoint,
         )
     except JobCancelled:
         return RunOutcome(model=b"", cancelled=True)
-    final = dict(history[-1]) if history else {}
-    final.update(result.test)
-    return RunOutcome(model=result.trainer.save(), final_metrics=final)
+    return RunOutcome(model=result.trainer.save(), final_metrics=adapter.final_metrics(result.test))
+
+
+def ray_runner(
+    *, job: JobSpec, dataset: Dataset, resume: bytes | None, callbacks: RunCallbacks
+) -> RunOutcome:
+    """Runs a job on a group of ``resources.workers`` Ray actors (data parallel)."""
+    from workers.errors import JobCancelledError
+    from workers.trainer import run_job
+
+    adapter = _FitCallbacks.for_job(job, dataset, callbacks)
+    try:
+        result = run_job(
+            job,
+            dataset,
+            resume=resume,
+            on_step=adapter.on_step,
+            on_epoch=adapter.on_epoch,
+            on_checkpoint=adapter.on_checkpoint,
+            on_event=lambda event: callbacks.on_event(
+                event.kind, {"epoch": event.epoch, "step": event.step, "message": event.message}
+            ),
+            should_cancel=callbacks.should_cancel,
+        )
+    except (JobCancelled, JobCancelledError):
+        return RunOutcome(model=b"", cancelled=True)
+    return RunOutcome(model=result.checkpoint, final_metrics=adapter.final_metrics(result.test))
 
 
 class Dispatcher:

@@ -13,7 +13,7 @@ from service.auth import create_token
 from service.client import save_token
 from service.context import ServiceContext
 from service.datasets import register_builtins
-from service.dispatcher import Dispatcher, JobRunner, local_runner
+from service.dispatcher import Dispatcher, JobRunner, ray_runner
 from service.migrate import upgrade
 from service.settings import Settings
 
@@ -59,11 +59,7 @@ def start_ray(settings: Settings) -> dict[str, Any]:
 
 
 def job_runner() -> JobRunner:
-    """The Ray worker-group runner when the workers package provides one."""
-    try:
-        from service.ray_runner import ray_runner
-    except ImportError:
-        return local_runner
+    """Jobs run on Ray worker groups."""
     return ray_runner
 
 
