@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import datasets, jobs
 from service.api.deps import TeamDep
@@ -19,6 +19,36 @@ from service.errors import ServiceError
 from service.telemetry import make_registry
 
 API_PREFIX = "/api/v1"
+
+
+class LatencyMiddleware:
+    """Observes each HTTP request's duration by method, route template and status
+    (plain ASGI: no per-request task or body buffering)."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app = app
+        self.histogram = histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            self.histogram.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status_code)
+            ).observe(time.perf_counter() - started)
 
 
 def _ray_ready() -> bool:
@@ -35,18 +65,7 @@ def create_app(context: ServiceContext) -> FastAPI:
     app.state.context = context
     registry, latency = make_registry(context.session_factory)
 
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        latency.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
+    app.add_middleware(LatencyMiddleware, histogram=latency)
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -91,3 +110,10 @@ def create_app(context: ServiceContext) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app configured from ``TRAINQ_*`` (for ``uvicorn --factory`` worker processes)."""
+    from service.settings import get_settings
+
+    return create_app(ServiceContext.from_settings(get_settings()))

@@ -113,6 +113,18 @@ def _api(args: argparse.Namespace) -> int:
     from service.context import ServiceContext
     from service.settings import get_settings
 
+    if args.workers > 1:
+        import uvicorn
+
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="warning",
+        )
+        return 0
     context = ServiceContext.from_settings(get_settings())
     roles.serve(context, host=args.host, port=args.port)
     return 0
@@ -284,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="serve the REST API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     api.set_defaults(run=_api)
     dispatcher = commands.add_parser("dispatcher", help="claim and run queued jobs on Ray")
     dispatcher.add_argument("--count", type=int, default=1, help="dispatcher threads")

@@ -20,6 +20,7 @@ from core.data import (
     load_npz,
 )
 from service.artifacts import ArtifactStore
+from service.db import begin_write
 from service.models import DatasetVersion, Team
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ def create_version(
 ) -> DatasetVersion:
     """Store an upload as the next version of ``name`` for ``team``."""
     sha256 = store.put(upload.npz)
+    begin_write(session)
+    # Versions are numbered per team: hold the team's row so two uploads cannot
+    # both take the same number (SQLite already holds its write lock).
+    session.execute(select(Team.id).where(Team.id == team.id).with_for_update())
     latest = session.scalar(
         select(func.max(DatasetVersion.version)).where(
             DatasetVersion.team_id == team.id, DatasetVersion.name == name

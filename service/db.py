@@ -68,3 +68,15 @@ def write_lock_session(factory: sessionmaker[Session]) -> Iterator[Session]:
     with factory() as session:
         session.connection(execution_options={SQLITE_IMMEDIATE: True})
         yield session
+
+
+def begin_write(session: Session) -> None:
+    """End the session's read transaction and start one that may write.
+
+    On SQLite the new transaction takes the write lock at once: a transaction
+    that read first and then tried to write could fail with "database is
+    locked" when another connection wrote in between, busy timeout or not.
+    """
+    if session.in_transaction():
+        session.commit()
+    session.connection(execution_options={SQLITE_IMMEDIATE: True})

@@ -300,7 +300,7 @@ class _Attempt:
         return self.context.store.get(row.sha256) if row is not None else None
 
     def _write(self, rows: list[tuple[str, int, float]]) -> None:
-        if queue.write_metrics(**self.fence, rows=rows) < 0:
+        if not queue.write_metrics(**self.fence, rows=rows):
             raise LeaseLost
 
     def _on_epoch(self, epoch: int, step: int, metrics: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from core import SpecError, parse_job_spec, summarize
 from service import queue
 from service.datasets import resolve_version
+from service.db import begin_write
 from service.errors import Conflict, Invalid, NotFound
 from service.models import Attempt, Job, JobStatus, Team
 
@@ -40,10 +41,6 @@ def create_job(
     With an ``idempotency_key`` a retried request returns the job the first one
     created. Nothing is stored unless the whole spec is valid.
     """
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session, team, idempotency_key)
-        if existing is not None:
-            return _same_request(existing, body), False
     try:
         spec = parse_job_spec(body)
     except SpecError as exc:
@@ -70,6 +67,11 @@ def create_job(
             f"the job needs {spec.resources.workers} workers but the cluster can give at most "
             f"{limits.cluster_workers}",
         )
+    begin_write(session)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, team, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, body), False
     job = Job(
         team_id=team.id,
         name=spec.name,
@@ -164,6 +166,7 @@ def jobs_ahead(*, session: Session, job: Job) -> int:
 
 
 def cancel(*, session: Session, team: Team, job_id: int) -> Job:
+    begin_write(session)
     job = get_job(session=session, team=team, job_id=job_id)
     queue.cancel_job(session=session, job=job)
     return job

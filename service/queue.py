@@ -274,10 +274,10 @@ def write_metrics(
     job_id: int,
     attempt: int,
     rows: Iterable[tuple[str, int, float]],
-) -> int:
+) -> bool:
     """Insert ``(name, step, value)`` rows for a running attempt; a row that exists
-    already (an epoch redone after a resume) is kept as it was. Returns rows written,
-    or -1 when the attempt no longer owns the job."""
+    already (an epoch redone after a resume) is kept as it was. False when the
+    attempt no longer owns the job (nothing is written then)."""
     values = [
         {
             "job_id": job_id,
@@ -295,12 +295,12 @@ def write_metrics(
         ).first()
         if owner is None:
             session.commit()
-            return -1
-        if not values:
-            return 0
-        statement = _insert_for(session)(Metric).on_conflict_do_nothing(
-            index_elements=["job_id", "name", "step"]
-        )
-        written = len(session.connection().execute(statement.returning(Metric.step), values).all())
+            return False
+        if values:
+            statement = _insert_for(session)(Metric).on_conflict_do_nothing(
+                index_elements=["job_id", "name", "step"]
+            )
+            # executemany: the drivers batch it (psycopg pipelines, sqlite3 loops in C).
+            session.connection().execute(statement, values)
         session.commit()
-        return written
+        return True

@@ -7,7 +7,7 @@ import io
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.models import Checkpoint, Job, Metric
@@ -26,40 +26,68 @@ def read_series(
     max_points: int | None = None,
 ) -> Series:
     """``name -> [(step, value), ...]`` in step order; each series downsampled to at
-    most ``max_points`` points, keeping every bucket's minimum and maximum."""
-    query = select(Metric.name, Metric.step, Metric.value).where(Metric.job_id == job.id)
+    most ``max_points`` points, keeping its first and last point and every bucket's
+    minimum and maximum (computed in the database, so long series stay fast)."""
+    where = [Metric.job_id == job.id]
     if names:
-        query = query.where(Metric.name.in_(names))
+        where.append(Metric.name.in_(names))
     if since_step is not None:
-        query = query.where(Metric.step > since_step)
+        where.append(Metric.step > since_step)
+    if max_points is None:
+        return _fetch(session, where)
+    shapes = session.execute(
+        select(Metric.name, func.min(Metric.step), func.max(Metric.step), func.count())
+        .where(*where)
+        .group_by(Metric.name)
+    ).all()
+    series: Series = {}
+    small = [name for name, _, _, count in shapes if count <= max_points]
+    if small:
+        series.update(_fetch(session, [*where, Metric.name.in_(small)]))
+    for name, first, last, count in shapes:
+        if count > max_points:
+            series[name] = _downsampled(session, where, name, first, last, max_points)
+    return dict(sorted(series.items()))
+
+
+def _fetch(session: Session, where: list[Any]) -> Series:
     series: Series = defaultdict(list)
+    query = select(Metric.name, Metric.step, Metric.value).where(*where)
     for name, step, value in session.execute(query.order_by(Metric.name, Metric.step)):
         series[name].append((step, value))
-    if max_points is not None:
-        return {name: downsample(points, max_points) for name, points in series.items()}
     return dict(series)
 
 
-def downsample(points: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:
-    """At most ``max_points`` points: the first and last, and per bucket of the rest its
-    minimum and maximum in step order, so spikes survive."""
-    if len(points) <= max_points:
-        return points
-    if max_points < 4:
-        return [points[0], points[-1]][:max_points]
-    inner = points[1:-1]
-    buckets = (max_points - 2) // 2
-    size = len(inner) / buckets
-    kept = [points[0]]
-    for b in range(buckets):
-        chunk = inner[int(b * size) : int((b + 1) * size)]
-        if not chunk:
-            continue
-        low = min(chunk, key=lambda p: p[1])
-        high = max(chunk, key=lambda p: p[1])
-        kept.extend(sorted({low, high}))
-    kept.append(points[-1])
-    return kept
+def _downsampled(
+    session: Session, where: list[Any], name: str, first: int, last: int, max_points: int
+) -> list[tuple[int, float]]:
+    buckets = max(1, (max_points - 2) // 2)
+    span = max(last - first + 1, 1)
+    in_series = [*where, Metric.name == name]
+    bucket = (Metric.step - first) * buckets // span
+    points: set[tuple[int, float]] = set()
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite gives the bare column of the row that holds a MIN() or MAX().
+        for aggregate in (func.min, func.max):
+            rows = session.execute(
+                select(Metric.step, aggregate(Metric.value)).where(*in_series).group_by(bucket)
+            )
+            points.update((int(step), float(value)) for step, value in rows)
+    else:
+        labelled = select(Metric.step, Metric.value, bucket.label("bucket")).where(*in_series)
+        inner = labelled.subquery()
+        for order in (inner.c.value.asc(), inner.c.value.desc()):
+            rows = session.execute(
+                select(inner.c.step, inner.c.value)
+                .distinct(inner.c.bucket)
+                .order_by(inner.c.bucket, order, inner.c.step)
+            )
+            points.update((int(step), float(value)) for step, value in rows)
+    ends = session.execute(
+        select(Metric.step, Metric.value).where(*in_series, Metric.step.in_([first, last]))
+    )
+    points.update((int(step), float(value)) for step, value in ends)
+    return sorted(points)
 
 
 def series_csv(series: Series) -> str:

@@ -43,11 +43,8 @@ def test_expired_lease_is_reclaimed_and_stale_writes_are_fenced(context: Service
     (job_id,) = add_jobs(context, priorities=[0])
     factory = context.session_factory
     first = queue.claim_next_job(session_factory=factory, owner="a", lease_s=LEASE_S)
-    assert (
-        queue.write_metrics(
-            session_factory=factory, job_id=job_id, attempt=1, rows=[("loss", 1, 2.0)]
-        )
-        == 1
+    assert queue.write_metrics(
+        session_factory=factory, job_id=job_id, attempt=1, rows=[("loss", 1, 2.0)]
     )
     # the lease is still live: nobody else can claim it
     assert queue.claim_next_job(session_factory=factory, owner="b", lease_s=LEASE_S) is None
@@ -57,21 +54,18 @@ def test_expired_lease_is_reclaimed_and_stale_writes_are_fenced(context: Service
     assert (second.id, second.attempt) == (job_id, 2)
 
     stale = dict(session_factory=factory, job_id=job_id, attempt=1)
-    assert queue.write_metrics(**stale, rows=[("loss", 2, 9.0)]) == -1
+    assert not queue.write_metrics(**stale, rows=[("loss", 2, 9.0)])
     assert not queue.renew_lease(**stale, lease_s=LEASE_S).held
     assert not queue.finish_attempt(**stale, status=JobStatus.succeeded)
     assert queue.fail_attempt(**stale, error="boom", retry=queue.RetryStrategy()) is None
 
     assert queue.renew_lease(session_factory=factory, job_id=job_id, attempt=2, lease_s=1).held
     # the new attempt resumes: its rewrite of step 1 does not duplicate the row
-    assert (
-        queue.write_metrics(
-            session_factory=factory,
-            job_id=job_id,
-            attempt=2,
-            rows=[("loss", 1, 7.0), ("loss", 2, 1.0)],
-        )
-        == 1
+    assert queue.write_metrics(
+        session_factory=factory,
+        job_id=job_id,
+        attempt=2,
+        rows=[("loss", 1, 7.0), ("loss", 2, 1.0)],
     )
     assert queue.finish_attempt(
         session_factory=factory, job_id=job_id, attempt=2, status=JobStatus.succeeded

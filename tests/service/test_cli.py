@@ -1,0 +1,117 @@
+"""``trainq train`` and ``trainq summary``, run as real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core import summarize
+from core.data import load_digits
+from tests.factories import ROOT, example_job
+
+TIMEOUT_S = 120
+
+
+def trainq(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _write_job(tmp_path: Path, job: dict[str, Any]) -> Path:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+@pytest.fixture
+def short_job() -> dict[str, Any]:
+    job = example_job("digits_cnn")
+    job["training"]["epochs"] = 2
+    return job
+
+
+def test_train_prints_summary_epochs_and_test_metrics_and_saves(
+    tmp_path: Path, short_job: dict[str, Any]
+) -> None:
+    saved = tmp_path / "model.npz"
+    result = trainq("train", _write_job(tmp_path, short_job), "--save", saved)
+    assert result.returncode == 0, result.stderr
+
+    summary = summarize(short_job["model"], (1, 8, 8), 10)
+    assert str(summary) in result.stdout
+    lines = result.stdout.splitlines()
+    metrics = dict(line.split(" ") for line in lines if line.startswith("test_"))
+    assert set(metrics) == {"test_loss", "test_accuracy"}
+    assert 0.5 < float(metrics["test_accuracy"]) <= 1.0  # two epochs already learn digits
+    assert f"saved {saved}" in lines[-1]
+
+    # Not a terminal: one plain line per epoch on stderr.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"]
+    assert all("val_accuracy" in line for line in progress)
+
+    with np.load(io.BytesIO(saved.read_bytes()), allow_pickle=False) as archive:
+        names = set(archive.files)
+        assert archive["trainer/epoch"] == 2
+        assert archive["model/0.W"].shape == (16, 1, 3, 3)
+    assert {"model/6.b", "optim/steps", "rng/dropout"} <= names
+
+
+def test_train_epochs_option_overrides_the_spec(tmp_path: Path, short_job: dict[str, Any]) -> None:
+    result = trainq("train", _write_job(tmp_path, short_job), "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in progress] == ["1/1"]
+    assert "test_accuracy" in result.stdout
+
+
+def test_summary_prints_layers_params_and_flops(tmp_path: Path) -> None:
+    job = example_job("digits_cnn")
+    result = trainq("summary", _write_job(tmp_path, job))
+    assert result.returncode == 0, result.stderr
+    digits = load_digits()
+    summary = summarize(job["model"], digits.input_shape, digits.num_classes)
+    assert result.stdout.strip() == str(summary)
+    total = result.stdout.strip().splitlines()[-1]
+    assert "loss: softmax_cross_entropy" in total
+    assert f"{summary.params:,}" in total and f"{summary.flops:,}" in total
+    assert summary.params == 16 * 9 + 16 + 256 * 64 + 64 + 64 * 10 + 10
+
+
+def test_bad_spec_exits_2_naming_the_field(tmp_path: Path) -> None:
+    job = example_job("digits_cnn")
+    job["model"]["layers"][4]["units"] = 0
+    for command in ("summary", "train"):
+        result = trainq(command, _write_job(tmp_path, job))
+        assert result.returncode == 2
+        assert result.stderr.startswith("trainq: model.layers[4].units (dense):")
+        assert result.stdout == ""
+
+
+def test_spec_that_does_not_fit_the_dataset_exits_2(tmp_path: Path) -> None:
+    job = example_job("digits_cnn")
+    job["model"]["layers"][-1]["units"] = 7
+    result = trainq("summary", _write_job(tmp_path, job))
+    assert result.returncode == 2
+    assert "trainq: model.loss: the dataset has 10 classes" in result.stderr
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    result = trainq("summary", tmp_path / "nope.json")
+    assert result.returncode == 2
+    assert "nope.json" in result.stderr
