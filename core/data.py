@@ -3,6 +3,12 @@
 Images are float32, channels-first ``(N, C, H, W)``, scaled to [0, 1]; labels
 are int64 class indices. Built in: ``digits`` (shipped in this package) and
 ``fashion_mnist`` (read from Debian's ``dataset-fashion-mnist`` files).
+
+Text datasets (``kind`` ``text_lm`` or ``text_classification``, built by
+:mod:`core.text`) hold int64 token ids ``X: (N, time)``; their ``meta`` holds the
+vocabulary (``meta["tokenizer"]``), which the trainer saves with the model.
+Built in: ``tiny_corpus``, ``tiny_sentiment`` (both shipped) and ``fortunes``
+(Debian's ``fortunes`` files).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -116,7 +122,24 @@ def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> Dataset:
     )
 
 
-BUILTIN_DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}
+def _builtin_text(name: str) -> Callable[[], Dataset]:
+    def load() -> Dataset:
+        from core.text import BUILTIN_TEXT_DATASETS  # core.text builds on this module
+
+        return BUILTIN_TEXT_DATASETS[name]()
+
+    load.__name__ = f"load_{name}"
+    return load
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], Dataset]] = {
+    "digits": load_digits,
+    "fashion_mnist": load_fashion_mnist,
+    # Text, in core.text: tiny_corpus and tiny_sentiment are shipped, fortunes is Debian's.
+    "tiny_corpus": _builtin_text("tiny_corpus"),
+    "tiny_sentiment": _builtin_text("tiny_sentiment"),
+    "fortunes": _builtin_text("fortunes"),
+}
 
 
 def load_dataset(name: str) -> Dataset:

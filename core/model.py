@@ -103,6 +103,13 @@ def _infer_layers(spec: ModelSpec, input_shape: Shape, num_classes: int | None) 
                 layer=index,
                 layer_type=layer_spec.type,
             )
+        if index > 0 and getattr(layer, "takes_token_ids", False):
+            raise SpecError(
+                f"{layer_spec.type} takes token ids, so it must be the first layer",
+                layer=index,
+                layer_type=layer_spec.type,
+                field="type",
+            )
         layers.append(layer)
     check_loss_fits(spec.loss, shape, num_classes)
     return layers
@@ -167,9 +174,33 @@ class Model:
         for layer in self.layers:
             layer.rng = rng
 
+    @property
+    def takes_token_ids(self) -> bool:
+        """Whether inputs are integer token ids (a text model), not float features."""
+        return bool(getattr(self.layers[0], "takes_token_ids", False))
+
+    def _token_ids(self, x: Any) -> Any:
+        """Integer ids for the first layer; floats are accepted when they hold whole numbers."""
+        ids = self.xp.asarray(x)
+        if ids.dtype.kind == "f":
+            if not bool(self.xp.all(ids == self.xp.floor(ids))):
+                raise ValueError("token ids must be whole numbers")
+            ids = ids.astype(self.xp.int64)
+        elif ids.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        self.layers[0].check_ids(ids)
+        return ids
+
     def forward(self, x: Any, training: bool = False) -> Any:
-        """x: (batch, *input_shape) -> outputs (batch, *output_shape)."""
-        x = self.xp.asarray(x, dtype=self.dtype)
+        """x: (batch, *input_shape) -> outputs (batch, *output_shape).
+
+        A text model takes integer ids (batch, time), kept integer and checked
+        against the vocabulary; any other model casts its input to the model's dtype.
+        """
+        if self.takes_token_ids:
+            x = self._token_ids(x)
+        else:
+            x = self.xp.asarray(x, dtype=self.dtype)
         if is_image(self.input_shape):
             x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
             if self.input_shape[0] > 1:

@@ -57,24 +57,43 @@ class Optimizer:
 
 class SGD(Optimizer):
     """g += wd * p;  buf = mu * buf + (1 - dampening) * g  (buf = g at first);
-    g = g + mu * buf (nesterov) or buf;  p -= lr * g."""
+    g = g + mu * buf (nesterov) or buf;  p -= lr * g.
+
+    Each product is rounded before the sum it feeds, as in the expressions above;
+    the arithmetic runs in place, through one work array per shape.
+    """
 
     spec: SgdSpec
 
     def _update(self, state: dict[str, Any], param: Any, grad: Any) -> None:
         spec = self.spec
+        xp = array_module(param)
+        tmp = _work_array(self, param)
         g = grad
         if spec.weight_decay:
-            g = g + spec.weight_decay * param
+            decayed = _work_array(self, param, "decayed")
+            xp.multiply(param, spec.weight_decay, out=decayed)
+            decayed += grad
+            g = decayed
         if spec.momentum:
             buf = state.get("momentum")
             if buf is None:
                 buf = state["momentum"] = g.copy()
             else:
                 buf *= spec.momentum
-                buf += (1.0 - spec.dampening) * g
-            g = g + spec.momentum * buf if spec.nesterov else buf
-        param -= self.lr * g
+                if spec.dampening:
+                    xp.multiply(g, 1.0 - spec.dampening, out=tmp)
+                    buf += tmp
+                else:  # 1.0 * g is g
+                    buf += g
+            if spec.nesterov:
+                xp.multiply(buf, spec.momentum, out=tmp)
+                tmp += g
+                g = tmp
+            else:
+                g = buf
+        xp.multiply(g, self.lr, out=tmp)
+        param -= tmp
 
 
 class Adam(Optimizer):
@@ -92,31 +111,48 @@ class Adam(Optimizer):
         spec = self.spec
         beta1, beta2 = spec.betas
         xp = array_module(param)
+        tmp = _work_array(self, param)
         if spec.weight_decay:
             if self.decoupled:
                 param *= 1.0 - self.lr * spec.weight_decay
             else:
-                grad = grad + spec.weight_decay * param
+                decayed = _work_array(self, param, "decayed")
+                xp.multiply(param, spec.weight_decay, out=decayed)
+                decayed += grad
+                grad = decayed
         if "exp_avg" not in state:
             state["exp_avg"] = xp.zeros_like(param)
             state["exp_avg_sq"] = xp.zeros_like(param)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m *= beta1
-        m += (1.0 - beta1) * grad
+        xp.multiply(grad, 1.0 - beta1, out=tmp)
+        m += tmp
         v *= beta2
-        v += (1.0 - beta2) * (grad * grad)
+        xp.multiply(grad, grad, out=tmp)
+        tmp *= 1.0 - beta2
+        v += tmp
         t = self.steps
         step_size = self.lr / (1.0 - beta1**t)
-        denom = xp.sqrt(v)
+        denom = xp.sqrt(v, out=tmp)
         denom *= 1.0 / math.sqrt(1.0 - beta2**t)
         denom += spec.eps
-        update = m / denom
+        update = xp.divide(m, denom, out=tmp)
         update *= step_size
         param -= update
 
 
 class AdamW(Adam):
     decoupled = True
+
+
+def _work_array(optimizer: Optimizer, param: Any, name: str = "tmp") -> Any:
+    """A scratch array shaped like ``param`` (not optimizer state: never saved)."""
+    work = optimizer.__dict__.setdefault("_work", {})
+    key = (name, param.shape, param.dtype.str)
+    array = work.get(key)
+    if array is None:
+        array = work[key] = array_module(param).empty_like(param)
+    return array
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

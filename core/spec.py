@@ -16,6 +16,9 @@ MAX_LAYERS = 256
 MAX_UNITS = 65_536
 MAX_CHANNELS = 4_096
 MAX_KERNEL = 64
+MAX_VOCAB = 1_048_576
+MAX_CONTEXT = 65_536
+MAX_HEADS = 256
 
 
 class _Spec(BaseModel):
@@ -95,6 +98,36 @@ class LayerNormSpec(_Spec):
     eps: float = Field(default=1e-5, gt=0.0, le=1.0)
 
 
+class EmbeddingSpec(_Spec):
+    type: Literal["embedding"]
+    vocab_size: int = Field(ge=2, le=MAX_VOCAB)
+    dim: int = Field(ge=1, le=MAX_UNITS)
+
+
+class PositionalEmbeddingSpec(_Spec):
+    type: Literal["positional_embedding"]
+    max_len: int = Field(ge=1, le=MAX_CONTEXT)
+
+
+class SelfAttentionSpec(_Spec):
+    type: Literal["self_attention"]
+    heads: int = Field(ge=1, le=MAX_HEADS)
+    causal: bool = False
+
+
+class TransformerBlockSpec(_Spec):
+    type: Literal["transformer_block"]
+    heads: int = Field(ge=1, le=MAX_HEADS)
+    causal: bool = True
+    mlp_ratio: float = Field(default=4.0, gt=0.0, le=16.0)
+
+
+class MeanPoolSpec(_Spec):
+    """Mean over the time axis: (time, dim) -> (dim,)."""
+
+    type: Literal["mean_pool"]
+
+
 LayerSpec = Annotated[
     DenseSpec
     | Conv2dSpec
@@ -109,7 +142,12 @@ LayerSpec = Annotated[
     | GeluSpec
     | DropoutSpec
     | BatchNormSpec
-    | LayerNormSpec,
+    | LayerNormSpec
+    | EmbeddingSpec
+    | PositionalEmbeddingSpec
+    | SelfAttentionSpec
+    | TransformerBlockSpec
+    | MeanPoolSpec,
     Field(discriminator="type"),
 ]
 

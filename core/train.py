@@ -73,8 +73,12 @@ class Trainer:
         num_classes: int | None,
         dtype: str = "float32",
         device: str = "cpu",
+        dataset_meta: dict[str, Any] | None = None,
     ) -> None:
         self.training = training
+        #: What prediction needs to know of the training data (a text model's vocabulary),
+        #: saved with the model as JSON.
+        self.dataset_meta: dict[str, Any] = dict(dataset_meta or {})
         self.model: Model = build_model(
             model_spec,
             input_shape,
@@ -99,6 +103,7 @@ class Trainer:
             input_shape=dataset.input_shape,
             num_classes=dataset.num_classes,
             device=job.resources.device,
+            dataset_meta=dataset.meta,
             **kwargs,
         )
 
@@ -172,6 +177,20 @@ class Trainer:
 
     # --- epochs -----------------------------------------------------------------
 
+    def begin_epoch(self) -> None:
+        """Start an epoch's per-layer diagnostics (for loops that call the two halves of a step)."""
+        self._diagnostics = _Diagnostics()
+
+    def epoch_diagnostics(self) -> Metrics:
+        """``grad_norm/<layer>`` (mean over the epoch's steps) and ``update_ratio/<layer>``."""
+        diagnostics = self._diagnostics
+        metrics: Metrics = {}
+        for layer, total in diagnostics.grad_norm_sums.items():
+            metrics[f"grad_norm/{layer}"] = total / max(diagnostics.steps, 1)
+        for layer, ratio in diagnostics.update_ratios.items():
+            metrics[f"update_ratio/{layer}"] = ratio
+        return metrics
+
     def train_epoch(
         self,
         X: np.ndarray,
@@ -185,7 +204,7 @@ class Trainer:
         order = epoch_order(len(X), spec.seed, self.epoch, spec.shuffle)
         steps_per_epoch = math.ceil(len(X) / spec.batch_size)
         total_steps = steps_per_epoch * total_epochs
-        self._diagnostics = _Diagnostics()
+        self.begin_epoch()
         stats = BatchStats()
         started = time.perf_counter()
         for i, batch in enumerate(batch_slices(len(X), spec.batch_size)):
@@ -210,11 +229,7 @@ class Trainer:
         }
         if stats.accuracy is not None:
             metrics["train_accuracy"] = stats.accuracy
-        diagnostics = self._diagnostics
-        for layer, total in diagnostics.grad_norm_sums.items():
-            metrics[f"grad_norm/{layer}"] = total / max(diagnostics.steps, 1)
-        for layer, ratio in diagnostics.update_ratios.items():
-            metrics[f"update_ratio/{layer}"] = ratio
+        metrics.update(self.epoch_diagnostics())
         return metrics
 
     def evaluate(
@@ -249,7 +264,8 @@ class Trainer:
     # --- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Weights, optimizer state, RNG state and position, as arrays."""
+        """Weights, optimizer state, RNG state and position, as arrays; with them, as JSON,
+        the model spec and the dataset's metadata (a text model's vocabulary)."""
         state: dict[str, np.ndarray] = {}
         state.update({f"model/{k}": v for k, v in self.model.state_dict().items()})
         state.update({f"optim/{k}": v for k, v in self.optimizer.state_dict().items()})
@@ -257,6 +273,8 @@ class Trainer:
         state["trainer/step"] = np.asarray(self.step, dtype=np.int64)
         state["rng/dropout"] = encode_json(self.model.rng.bit_generator.state)
         state["spec/model"] = encode_json(self.model.spec.model_dump())
+        if self.dataset_meta:
+            state["dataset/meta"] = encode_json(self.dataset_meta)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -267,6 +285,8 @@ class Trainer:
         rng = np.random.default_rng()
         rng.bit_generator.state = decode_json(state["rng/dropout"])
         self.model.set_rng(rng)
+        if "dataset/meta" in state:
+            self.dataset_meta = decode_json(state["dataset/meta"])
 
     def save(self) -> bytes:
         """The state as ``.npz`` bytes (a checkpoint)."""

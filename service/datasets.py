@@ -19,13 +19,21 @@ from core.data import (
     load_dataset,
     load_npz,
 )
+from core.text import (
+    TEXT_CLASSIFICATION,
+    TEXT_LM,
+    text_dataset_from_corpus,
+    text_dataset_from_csv,
+)
 from service.artifacts import ArtifactStore
 from service.db import begin_write
 from service.models import DatasetVersion, Team
 
 log = logging.getLogger(__name__)
 
-UPLOAD_KINDS = ("npz", "csv")
+UPLOAD_KINDS = ("npz", "csv", "txt")
+#: Kinds kept as the uploaded file and rebuilt on load (the tokenizer is derived from it).
+TEXT_KINDS = (TEXT_LM, TEXT_CLASSIFICATION)
 LABEL_COLUMN = "label"
 
 
@@ -36,7 +44,8 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class ParsedUpload:
     dataset: Dataset
-    npz: bytes
+    #: What the store keeps: normalised ``.npz`` for arrays, the file itself for text.
+    stored: bytes
 
 
 def register_builtins(*, session: Session) -> list[str]:
@@ -75,19 +84,32 @@ def register_builtins(*, session: Session) -> list[str]:
 
 
 def parse_upload(data: bytes, *, kind: str, name: str) -> ParsedUpload:
-    """Validate an upload and normalise it to ``.npz`` bytes with ``X`` and ``y``."""
+    """Validate an upload: ``.npz`` (X, y), ``.csv`` (numeric columns and a label, or
+    ``text,label``) or a ``.txt`` corpus for language modelling."""
     try:
         if kind == "npz":
             dataset = load_npz(data, name=name)
+        elif kind == "csv" and _is_labelled_text(data):
+            dataset = text_dataset_from_csv(data, name=name)
         elif kind == "csv":
             dataset = _dataset_from_csv(data, name=name)
+        elif kind == "txt":
+            dataset = text_dataset_from_corpus(data, name=name)
         else:
             raise DatasetError(f"unsupported format {kind!r}; expected one of {UPLOAD_KINDS}")
     except (ValueError, KeyError, OSError) as exc:
         raise DatasetError(str(exc)) from None
+    if dataset.kind in TEXT_KINDS:
+        return ParsedUpload(dataset=dataset, stored=data)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, X=dataset.X, y=dataset.y)
-    return ParsedUpload(dataset=dataset, npz=buffer.getvalue())
+    return ParsedUpload(dataset=dataset, stored=buffer.getvalue())
+
+
+def _is_labelled_text(data: bytes) -> bool:
+    """A CSV whose header names a ``text`` column holds texts, not numbers."""
+    first_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return "text" in [cell.strip().lower() for cell in first_line.split(",")]
 
 
 def _dataset_from_csv(data: bytes, *, name: str) -> Dataset:
@@ -118,7 +140,7 @@ def create_version(
     *, session: Session, store: ArtifactStore, team: Team, name: str, upload: ParsedUpload
 ) -> DatasetVersion:
     """Store an upload as the next version of ``name`` for ``team``."""
-    sha256 = store.put(upload.npz)
+    sha256 = store.put(upload.stored)
     begin_write(session)
     # Versions are numbered per team: hold the team's row so two uploads cannot
     # both take the same number (SQLite already holds its write lock).
@@ -173,4 +195,9 @@ def load_version(*, store: ArtifactStore, version: DatasetVersion) -> Dataset:
     if version.builtin:
         return load_dataset(version.name)
     assert version.sha256 is not None
-    return load_npz(store.get(version.sha256), name=version.name)
+    data = store.get(version.sha256)
+    if version.kind == TEXT_LM:
+        return text_dataset_from_corpus(data, name=version.name)
+    if version.kind == TEXT_CLASSIFICATION:
+        return text_dataset_from_csv(data, name=version.name)
+    return load_npz(data, name=version.name)

@@ -25,10 +25,11 @@ async def upload_dataset(
     store: StoreDep,
     team: TeamDep,
     name: Annotated[str, Query(pattern=NAME_PATTERN)],
-    format: Annotated[str, Query(pattern="^(npz|csv)$")],
+    format: Annotated[str, Query(pattern="^(npz|csv|txt)$")],
 ) -> DatasetPublic:
-    """The body is the file itself (``.npz`` with arrays X and y, or ``.csv`` with a label
-    column); each upload under a name is its next version."""
+    """The body is the file itself: ``.npz`` with arrays X and y, ``.csv`` with numeric
+    columns and a ``label`` column (or ``text,label`` for text classification), or a
+    ``.txt`` corpus for a language model. Each upload under a name is its next version."""
     data = await read_limited(request, context.settings.max_upload_bytes)
     try:
         upload = await run_in_threadpool(dataset_service.parse_upload, data, kind=format, name=name)

@@ -113,3 +113,28 @@ def test_bad_uploads_are_refused_and_store_nothing(api: Api) -> None:
     api.context.settings.max_upload_bytes = 10
     assert _post(api, b"x" * 11).status_code == 413
     assert _uploaded(api) == 0
+
+
+def test_text_uploads_corpus_and_labelled_csv(api: Api) -> None:
+    corpus = ("the quick brown fox jumps over the lazy dog.\n" * 60).encode()
+    lm = _post(api, corpus, name="foxes", fmt="txt")
+    assert lm.status_code == 201, lm.text
+    assert lm.json()["kind"] == "text_lm" and lm.json()["input_shape"] == [64]
+    rows = ["text,label"] + [
+        f"good day number {i},pos" if i % 2 else f"bad day {i},neg" for i in range(40)
+    ]
+    labelled = _post(api, "\n".join(rows).encode(), name="moods", fmt="csv")
+    assert labelled.status_code == 201, labelled.text
+    assert labelled.json()["kind"] == "text_classification"
+    assert labelled.json()["num_classes"] == 2
+
+    from service.datasets import load_version, resolve_version
+
+    with api.context.session_factory() as session:
+        from service.models import Team
+
+        team = session.scalars(select(Team).where(Team.name == "team-a")).one()
+        version = resolve_version(session=session, team=team, name="moods", version=None)
+        dataset = load_version(store=api.context.store, version=version)
+    assert dataset.kind == "text_classification" and "tokenizer" in dataset.meta
+    assert _post(api, b"\xff\xfe not utf8", name="bad", fmt="txt").status_code == 422

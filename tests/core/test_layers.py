@@ -1,0 +1,449 @@
+"""Every layer's backward against central finite differences, and the layer contract."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core import build_model, loss
+from core.gradcheck import check_layer, numeric_grad
+from core.layers import LAYERS
+from tests.factories import engine_batch, make_layer, tiny_cnn_spec
+
+# Central differences with eps=1e-6 in float64 leave about 1e-10 of round-off on
+# each derivative (more where the checked sum is large); a wrong backward is off by
+# order one. The absolute part admits derivatives that are exactly zero in theory,
+# such as an attention key bias, which shifts every score of a query alike.
+GRAD_RTOL = 1e-5
+GRAD_ATOL = 1e-8
+
+Draw = Callable[[np.random.Generator], tuple[dict[str, Any], tuple[int, ...]]]
+
+
+def _int(rng: np.random.Generator, low: int, high: int) -> int:
+    return int(rng.integers(low, high + 1))
+
+
+@dataclass(frozen=True)
+class Case:
+    """A layer spec and per-sample input shape drawn from a seeded generator."""
+
+    draw: Draw
+    training: bool = True
+    min_batch: int = 2
+    token_ids: bool = False
+
+
+def _features(spec: dict[str, Any]) -> Draw:
+    return lambda r: (spec, (_int(r, 3, 7),))
+
+
+def _image(spec: dict[str, Any], low: int = 4, high: int = 6) -> Draw:
+    # Width exceeds height so a transposed H/W mix-up cannot pass.
+    def draw(r: np.random.Generator) -> tuple[dict[str, Any], tuple[int, ...]]:
+        h = _int(r, low, high)
+        return spec, (_int(r, 1, 3), h, h + _int(r, 1, 2))
+
+    return draw
+
+
+def _conv(kernel: int, stride: int, padding: int) -> Draw:
+    def draw(r: np.random.Generator) -> tuple[dict[str, Any], tuple[int, ...]]:
+        h = _int(r, kernel + 2, kernel + 4)
+        spec = {
+            "type": "conv2d",
+            "filters": _int(r, 2, 3),
+            "kernel_size": kernel,
+            "stride": stride,
+            "padding": padding,
+        }
+        return spec, (_int(r, 2, 3), h, h + _int(r, 1, 2))
+
+    return draw
+
+
+def _pool(kind: str, pool: int, stride: int | None) -> Draw:
+    return _image({"type": kind, "pool_size": pool, "stride": stride}, low=pool + 2, high=pool + 4)
+
+
+def _sequence(spec: dict[str, Any], dim: int | None = None) -> Draw:
+    return lambda r: (spec, (_int(r, 2, 4), dim or _int(r, 3, 5)))
+
+
+CASES: dict[str, Case] = {
+    "dense-2d": Case(lambda r: ({"type": "dense", "units": _int(r, 2, 5)}, (_int(r, 2, 6),))),
+    "dense-3d": Case(
+        lambda r: ({"type": "dense", "units": _int(r, 2, 4)}, (_int(r, 2, 4), _int(r, 2, 5)))
+    ),
+    "conv2d-k3-s1-p0": Case(_conv(3, 1, 0)),
+    "conv2d-k3-s1-p1": Case(_conv(3, 1, 1)),
+    "conv2d-k3-s2-p1": Case(_conv(3, 2, 1)),
+    "conv2d-k2-s2-p0": Case(_conv(2, 2, 0)),
+    "conv2d-k3-s2-p2": Case(_conv(3, 2, 2)),
+    "conv2d-k1-s1-p0": Case(_conv(1, 1, 0)),
+    "maxpool2d-k2-s2": Case(_pool("maxpool2d", 2, None)),
+    "maxpool2d-k3-s2-overlapping": Case(_pool("maxpool2d", 3, 2)),
+    "maxpool2d-k2-s1-overlapping": Case(_pool("maxpool2d", 2, 1)),
+    "avgpool2d-k2-s2": Case(_pool("avgpool2d", 2, None)),
+    "avgpool2d-k3-s1-overlapping": Case(_pool("avgpool2d", 3, 1)),
+    "global_avgpool": Case(_image({"type": "global_avgpool"})),
+    "flatten-image": Case(_image({"type": "flatten"})),
+    "flatten-sequence": Case(_sequence({"type": "flatten"})),
+    "relu": Case(_features({"type": "relu"})),
+    "relu-image": Case(_image({"type": "relu"})),
+    "leaky_relu": Case(_features({"type": "leaky_relu"})),
+    "leaky_relu-slope0.2": Case(_features({"type": "leaky_relu", "negative_slope": 0.2})),
+    "tanh": Case(_features({"type": "tanh"})),
+    "sigmoid": Case(_features({"type": "sigmoid"})),
+    "gelu": Case(_features({"type": "gelu"})),
+    "gelu-sequence": Case(_sequence({"type": "gelu"})),
+    "dropout": Case(_features({"type": "dropout", "rate": 0.4})),
+    "dropout-image": Case(_image({"type": "dropout", "rate": 0.3})),
+    "batchnorm-features-train": Case(_features({"type": "batchnorm"}), min_batch=3),
+    "batchnorm-image-train": Case(_image({"type": "batchnorm"})),
+    "batchnorm-features-eval": Case(_features({"type": "batchnorm"}), training=False),
+    "batchnorm-image-eval": Case(_image({"type": "batchnorm"}), training=False),
+    "layernorm-features": Case(_features({"type": "layernorm"})),
+    "layernorm-sequence": Case(_sequence({"type": "layernorm"})),
+    # Text layers, checked when this build has them (DESIGN.md names their fields).
+    "embedding": Case(
+        lambda r: ({"type": "embedding", "vocab_size": 4, "dim": _int(r, 2, 4)}, (6,)),
+        token_ids=True,
+    ),
+    "positional_embedding": Case(_sequence({"type": "positional_embedding", "max_len": 5})),
+    "mean_pool": Case(_sequence({"type": "mean_pool"})),
+    "self_attention": Case(_sequence({"type": "self_attention", "heads": 2}, dim=4)),
+    "self_attention-causal": Case(
+        _sequence({"type": "self_attention", "heads": 2, "causal": True}, dim=4)
+    ),
+    "transformer_block": Case(
+        _sequence({"type": "transformer_block", "heads": 2, "mlp_ratio": 2}, dim=4)
+    ),
+}
+
+
+def _case_type(case_id: str) -> str:
+    return CASES[case_id].draw(np.random.default_rng(0))[0]["type"]
+
+
+def _present(case_id: str) -> Any:
+    kind = _case_type(case_id)
+    return pytest.param(
+        case_id,
+        id=case_id,
+        marks=pytest.mark.skipif(kind not in LAYERS, reason=f"no {kind} layer in this build"),
+    )
+
+
+def _build(case_id: str, rng: np.random.Generator) -> tuple[Any, np.ndarray, Callable[[], None]]:
+    """The layer (float64, perturbed parameters), an input batch, and a hook run before forward."""
+    case = CASES[case_id]
+    spec, input_shape = case.draw(rng)
+    layer = make_layer(spec, input_shape, rng=rng)
+    batch = _int(rng, case.min_batch, 4)
+    if case.token_ids:
+        layer.needs_input_grad = False
+        x = rng.integers(0, spec["vocab_size"], size=(batch, *input_shape))
+    else:
+        x = engine_batch(rng, input_shape, batch)
+    for name, value in layer.buffers.items():
+        # Running statistics away from (0, 1), so evaluation mode is not the identity.
+        if name == "running_var":
+            value[...] = rng.uniform(0.5, 2.0, value.shape)
+        else:
+            value[...] = rng.standard_normal(value.shape)
+
+    def fixed_mask() -> None:
+        layer.rng = np.random.default_rng(1234)
+
+    return layer, x, fixed_mask
+
+
+ALL_CASES = [_present(case_id) for case_id in CASES]
+
+
+def test_every_layer_type_has_a_gradient_check() -> None:
+    checked = {_case_type(case_id) for case_id in CASES}
+    assert set(LAYERS) <= checked, f"no gradient check for {sorted(set(LAYERS) - checked)}"
+
+
+def _analytic_and_numeric(
+    layer: Any, x: np.ndarray, *, training: bool, before_forward: Callable[[], None]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Backward's gradients of ``sum(y * r)`` (fixed random r) next to central differences."""
+
+    def run() -> np.ndarray:
+        before_forward()
+        return layer.forward(x, training)
+
+    weights = np.random.default_rng(7).standard_normal(run().shape)
+
+    def scalar() -> float:
+        return float((run() * weights).sum())
+
+    layer.zero_grad()
+    run()
+    dx = layer.backward(weights.copy())
+    pairs = {} if dx is None else {"x": (np.array(dx), numeric_grad(scalar, x))}
+    analytic = {name: np.array(grad) for name, grad in layer.grads.items()}
+    for name, param in layer.params.items():
+        pairs[name] = (analytic[name], numeric_grad(scalar, param))
+    return pairs
+
+
+@pytest.mark.parametrize("case_id", ALL_CASES)
+def test_gradients_match_central_differences(case_id: str, rng: np.random.Generator) -> None:
+    layer, x, fixed_mask = _build(case_id, rng)
+    pairs = _analytic_and_numeric(
+        layer, x, training=CASES[case_id].training, before_forward=fixed_mask
+    )
+    expected = set(layer.params) | (set() if CASES[case_id].token_ids else {"x"})
+    assert set(pairs) == expected
+    for name, (analytic, numeric) in pairs.items():
+        assert analytic.shape == numeric.shape, name
+        np.testing.assert_allclose(
+            analytic, numeric, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=f"{case_id}: d{name}"
+        )
+
+
+def test_check_layer_passes_a_right_backward_and_catches_a_wrong_one(
+    rng: np.random.Generator,
+) -> None:
+    layer = make_layer({"type": "dense", "units": 3}, (4,), rng=rng)
+    x = rng.standard_normal((5, 4))
+    assert max(check_layer(layer, x).values()) < GRAD_RTOL
+
+    class HalfBiasGradient(type(layer)):  # type: ignore[misc]
+        def backward(self, dy: Any) -> Any:
+            dx = super().backward(dy)
+            self.grads["b"] *= 0.5
+            return dx
+
+    wrong = make_layer({"type": "dense", "units": 3}, (4,), rng=rng)
+    wrong.__class__ = HalfBiasGradient
+    errors = check_layer(wrong, x)
+    assert errors["W"] < GRAD_RTOL and errors["x"] < GRAD_RTOL
+    assert errors["b"] > 0.1
+
+
+@pytest.mark.parametrize("case_id", ALL_CASES)
+def test_backward_accumulates_until_zero_grad(case_id: str, rng: np.random.Generator) -> None:
+    layer, x, fixed_mask = _build(case_id, rng)
+    fixed_mask()
+    y = layer.forward(x, CASES[case_id].training)
+    dy = rng.standard_normal(y.shape)
+
+    layer.zero_grad()
+    dx_first = layer.backward(dy.copy())
+    once = {k: np.array(g) for k, g in layer.grads.items()}
+    dx_second = layer.backward(dy.copy())
+    twice = {k: np.array(g) for k, g in layer.grads.items()}
+    layer.zero_grad()
+    layer.backward(dy.copy())
+    again = {k: np.array(g) for k, g in layer.grads.items()}
+
+    assert set(once) == set(layer.params)
+    for key in once:
+        assert np.any(once[key] != 0), key
+        np.testing.assert_allclose(twice[key], 2 * once[key], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(again[key], once[key], rtol=1e-12, atol=1e-14)
+    if dx_first is not None:
+        np.testing.assert_allclose(dx_second, dx_first, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("spec", "input_shape"),
+    [
+        ({"type": "dense", "units": 3}, (5,)),
+        ({"type": "dense", "units": 3}, (2, 5)),
+        ({"type": "conv2d", "filters": 2, "kernel_size": 3, "padding": 1}, (2, 5, 6)),
+    ],
+    ids=["dense", "dense-3d", "conv2d"],
+)
+def test_first_layer_returns_no_input_gradient(
+    spec: dict[str, Any], input_shape: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    layer = make_layer(spec, input_shape, rng=rng, first=True)
+    x = engine_batch(rng, input_shape, 3)
+    y = layer.forward(x, True)
+    layer.zero_grad()
+    assert layer.backward(np.ones_like(y)) is None
+    # The parameter gradients are still there.
+    assert all(np.any(g != 0) for g in layer.grads.values())
+
+
+def test_build_model_asks_no_input_gradient_of_the_first_layer_only() -> None:
+    model = build_model(tiny_cnn_spec(), (1, 8, 8))
+    assert [layer.needs_input_grad for layer in model.layers] == [False] + [True] * 4
+
+
+def test_whole_model_gradients_with_nchw_inputs(rng: np.random.Generator) -> None:
+    """conv-relu-maxpool-flatten-dense through Model, so the NCHW <-> NHWC edges count too."""
+    model = build_model(tiny_cnn_spec(filters=3, classes=4), (2, 6, 5), seed=3, dtype="float64")
+    for _, param, _ in model.parameters():
+        param += 0.1 * rng.standard_normal(param.shape)
+    x = rng.standard_normal((3, 2, 6, 5))
+    labels = rng.integers(0, 4, size=3)
+
+    def objective() -> float:
+        return loss("softmax_cross_entropy", model.forward(x, training=True), labels)[0]
+
+    model.zero_grad()
+    _, dlogits = loss("softmax_cross_entropy", model.forward(x, training=True), labels)
+    model.backward(dlogits)
+    analytic = {name: np.array(grad) for name, _, grad in model.parameters()}
+    assert sorted(analytic) == ["0.W", "0.b", "4.W", "4.b"]
+    for name, param, _ in model.parameters():
+        numeric = numeric_grad(objective, param)
+        np.testing.assert_allclose(analytic[name], numeric, rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+# --- forward values, layouts and conventions ----------------------------------------------
+
+
+def _direct_conv_nchw(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int):
+    """Cross-correlation by its definition, NCHW in and out."""
+    n, _, h, wd = x.shape
+    f, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    y = np.empty((n, f, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k]
+            y[:, :, i, j] = np.einsum("nchw,fchw->nf", window, w) + b
+    return y
+
+
+@pytest.mark.parametrize(("stride", "padding"), [(1, 0), (2, 1), (1, 2)])
+def test_conv2d_model_computes_the_cross_correlation_of_nchw_input(
+    stride: int, padding: int, rng: np.random.Generator
+) -> None:
+    spec = {
+        "layers": [
+            {"type": "conv2d", "filters": 4, "kernel_size": 3, "stride": stride, "padding": padding}
+        ],
+        "loss": "mse",
+    }
+    model = build_model(spec, (3, 7, 6), dtype="float64")
+    model.layers[0].params["b"][...] = rng.standard_normal(4)
+    x = rng.standard_normal((2, 3, 7, 6))
+    w, b = model.layers[0].params["W"], model.layers[0].params["b"]
+    assert w.shape == (4, 3, 3, 3)
+    expected = _direct_conv_nchw(x, w, b, stride, padding)
+    y = model.forward(x)
+    assert y.shape == expected.shape == (2, *model.output_shape)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_flatten_keeps_channels_first_order(rng: np.random.Generator) -> None:
+    model = build_model({"layers": [{"type": "flatten"}], "loss": "mse"}, (3, 4, 5))
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(model.forward(x), x.reshape(2, -1))
+
+
+def test_dense_3d_acts_on_the_last_axis(rng: np.random.Generator) -> None:
+    layer = make_layer({"type": "dense", "units": 3}, (4, 5), rng=rng)
+    x = rng.standard_normal((2, 4, 5))
+    y = layer.forward(x, True)
+    for t in range(4):
+        np.testing.assert_allclose(
+            y[:, t], x[:, t] @ layer.params["W"] + layer.params["b"], rtol=1e-12
+        )
+
+
+def test_maxpool_sends_the_gradient_to_the_first_maximum_of_a_tie() -> None:
+    layer = make_layer({"type": "maxpool2d", "pool_size": 2}, (1, 2, 2))
+    x = np.full((1, 2, 2, 1), 3.0)
+    y = layer.forward(x, True)
+    assert y.shape == (1, 1, 1, 1) and y.item() == 3.0
+    dx = layer.backward(np.full_like(y, 5.0))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[5.0, 0.0], [0.0, 0.0]])
+
+
+def test_overlapping_maxpool_adds_gradients_of_shared_maxima() -> None:
+    layer = make_layer({"type": "maxpool2d", "pool_size": 2, "stride": 1}, (1, 3, 3))
+    x = np.zeros((1, 3, 3, 1))
+    x[0, 1, 1, 0] = 9.0  # the centre is the maximum of all four windows
+    y = layer.forward(x, True)
+    np.testing.assert_array_equal(y[0, :, :, 0], np.full((2, 2), 9.0))
+    dx = layer.backward(np.arange(1.0, 5.0).reshape(1, 2, 2, 1))
+    expected = np.zeros((3, 3))
+    expected[1, 1] = 1 + 2 + 3 + 4
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+
+
+def test_gelu_is_the_exact_erf_form(rng: np.random.Generator) -> None:
+    x = np.concatenate([rng.standard_normal(200) * 3, [0.0, -8.0, 8.0]])
+    layer = make_layer({"type": "gelu"}, (x.size,))
+    y = layer.forward(x[None], True)[0]
+    expected = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    # The engine's erf is Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 (see activations.py).
+    assert np.all(np.abs(y - expected) <= 0.5 * np.abs(x) * 1.5e-7 + 1e-15)
+    assert y[-3] == 0.0 and abs(y[-1] - 8.0) < 1e-12 and abs(y[-2]) < 1e-12
+
+
+def test_activations_values(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((3, 8)) * 4
+
+    def run(spec: dict[str, Any]) -> np.ndarray:
+        return make_layer(spec, (8,)).forward(x, True)
+
+    np.testing.assert_array_equal(run({"type": "relu"}), np.maximum(x, 0))
+    np.testing.assert_allclose(run({"type": "leaky_relu"}), np.where(x > 0, x, 0.01 * x))
+    np.testing.assert_allclose(run({"type": "tanh"}), np.tanh(x))
+    np.testing.assert_allclose(run({"type": "sigmoid"}), 1 / (1 + np.exp(-x)), rtol=1e-12)
+    big = make_layer({"type": "sigmoid"}, (2,)).forward(np.array([[-800.0, 800.0]]), True)
+    np.testing.assert_array_equal(big, [[0.0, 1.0]])
+
+
+def test_dropout_scales_survivors_and_is_the_identity_in_evaluation(
+    rng: np.random.Generator,
+) -> None:
+    rate = 0.5
+    layer = make_layer({"type": "dropout", "rate": rate}, (1000,))
+    x = rng.uniform(1.0, 2.0, (4, 1000))
+    y = layer.forward(x, True)
+    kept = y != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(y[kept], x[kept] / (1 - rate))
+    dx = layer.backward(np.ones_like(y))
+    np.testing.assert_array_equal(dx, np.where(kept, 1 / (1 - rate), 0.0))
+    np.testing.assert_array_equal(layer.forward(x, False), x)
+    layer.rng = np.random.default_rng(5)
+    first = layer.forward(x, True)
+    layer.rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(layer.forward(x, True), first)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["features", "image"])
+def test_batchnorm_normalises_per_channel_and_updates_running_stats(
+    image: bool, rng: np.random.Generator
+) -> None:
+    shape = (3, 4, 5) if image else (3,)
+    layer = make_layer({"type": "batchnorm"}, shape)
+    x = engine_batch(rng, shape, 6) * 3 + 2
+    y = layer.forward(x, True)
+    per_channel = y.reshape(-1, 3)
+    np.testing.assert_allclose(per_channel.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(per_channel.var(axis=0), 1, rtol=1e-4)
+    flat = x.reshape(-1, 3)
+    np.testing.assert_allclose(layer.buffers["running_mean"], 0.1 * flat.mean(axis=0))
+    np.testing.assert_allclose(
+        layer.buffers["running_var"], 0.9 + 0.1 * flat.var(axis=0, ddof=1), rtol=1e-12
+    )
+    evaluated = layer.forward(x, False).reshape(-1, 3)
+    expected = (flat - layer.buffers["running_mean"]) / np.sqrt(layer.buffers["running_var"] + 1e-5)
+    np.testing.assert_allclose(evaluated, expected, rtol=1e-12)
+
+
+def test_layernorm_normalises_each_row(rng: np.random.Generator) -> None:
+    layer = make_layer({"type": "layernorm"}, (3, 6))
+    y = layer.forward(rng.standard_normal((2, 3, 6)) * 5 - 1, True)
+    np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=-1), 1, rtol=1e-4)

@@ -1,0 +1,85 @@
+"""A real uvicorn on 127.0.0.1 serving the app, with dispatchers on the session's Ray."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.auth import create_token
+from service.context import ServiceContext
+from service.datasets import register_builtins
+from service.dispatcher import Dispatcher, JobRunner, ray_runner
+
+SERVER_START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Service:
+    url: str
+    token: str
+    context: ServiceContext
+    http: httpx.Client
+
+
+@pytest.fixture
+def service(context: ServiceContext, ray_session: None) -> Iterator[Service]:
+    import ray
+
+    context.needs_ray = True
+    context.cluster_workers = int(ray.cluster_resources().get("CPU", 1))
+    with context.session_factory() as session:
+        register_builtins(session=session)
+        _, token = create_token(session=session, team_name="e2e")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(context), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0
+    ) as http:
+        yield Service(url=url, token=token, context=context, http=http)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def dispatchers(service: Service) -> Iterator[list[Dispatcher]]:
+    """Starts dispatcher threads on demand: ``start(count, runner)``."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    started: list[Dispatcher] = []
+
+    def start(count: int = 1, runner: JobRunner = ray_runner) -> list[Dispatcher]:
+        for _ in range(count):
+            dispatcher = Dispatcher(service.context, runner=runner)
+            thread = threading.Thread(target=dispatcher.run_forever, args=(stop,), daemon=True)
+            thread.start()
+            threads.append(thread)
+            started.append(dispatcher)
+        return started
+
+    yield start  # type: ignore[misc]
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)

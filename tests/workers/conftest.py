@@ -1,0 +1,98 @@
+"""The small jobs the worker tests train (one Ray for the session is in tests/conftest.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.data import Dataset, load_digits
+from workers.allreduce import backend_unavailable_reason
+
+MLP = {
+    "layers": [
+        {"type": "flatten"},
+        {"type": "dense", "units": 32},
+        {"type": "relu"},
+        {"type": "dense", "units": 10},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
+#: Convolution, batchnorm (running statistics) and dropout (per-slot random masks).
+CNN = {
+    "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 2},
+        {"type": "flatten"},
+        {"type": "dropout", "rate": 0.2},
+        {"type": "dense", "units": 10},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
+
+def job_spec(model: dict[str, Any] = MLP, **training: Any) -> dict[str, Any]:
+    """A small digits job; ``training`` overrides the training fields."""
+    fields = {
+        "epochs": 3,
+        "batch_size": 40,
+        "validation_split": 0.2,
+        "seed": 7,
+        "checkpoint_every_epochs": 1,
+        "log_every_steps": 1,
+    }
+    fields.update(training)
+    return {
+        "name": "workers-test",
+        "dataset": {"name": "digits"},
+        "model": model,
+        "optimizer": {"type": "adam", "lr": 0.01},
+        "training": fields,
+    }
+
+
+def small_digits(n: int = 300) -> Dataset:
+    """The first ``n`` digits (and the first 100 of the test split)."""
+    full = load_digits()
+    assert full.X_test is not None and full.y_test is not None
+    return Dataset(
+        name="digits",
+        X=full.X[:n],
+        y=full.y[:n],
+        input_shape=full.input_shape,
+        num_classes=full.num_classes,
+        X_test=full.X_test[:100],
+        y_test=full.y_test[:100],
+    )
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return small_digits()
+
+
+def timings_removed(metrics: dict[str, float]) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k not in ("samples_per_s", "epoch_time_s", "allreduce_time_s")
+    }
+
+
+def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Bit for bit (same names, shapes, dtypes and values)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert np.array_equal(a[name], b[name]), name
+
+
+def available(backend: str, *args: Any) -> Any:
+    """A parameter set that skips, saying why, where ``backend`` cannot run."""
+    reason = backend_unavailable_reason(backend)
+    skip = pytest.mark.skipif(reason is not None, reason=f"{backend}: {reason}")
+    return pytest.param(backend, *args, marks=skip, id="-".join(map(str, (backend, *args))))

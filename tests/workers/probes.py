@@ -1,0 +1,87 @@
+"""Actor classes the worker tests run in Ray besides the real training worker."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from workers.allreduce import AllReduce, AllReduceSetup, make_allreduce
+from workers.errors import AllReduceTimeoutError
+from workers.worker import TrainWorker
+
+
+class ReduceProbe:
+    """One rank that does nothing but all-reduce the rows it is given."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.backend: AllReduce | None = None
+
+    def info(self) -> Any:
+        return TrainWorker(self.rank, self.world_size).info()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def setup_allreduce(
+        self,
+        setup: AllReduceSetup,
+        phase: str,
+        exchange: Any = None,
+        *,
+        vector_size: int = 1,
+        dtype: str = "float32",
+    ) -> None:
+        if phase == "create":
+            self.close()
+            self.backend = make_allreduce(
+                setup, rank=self.rank, vector_size=vector_size, dtype=dtype, exchange=exchange
+            )
+        elif phase == "attach":
+            assert self.backend is not None
+            self.backend.attach()
+        else:
+            assert self.backend is not None
+            self.backend.seal()
+
+    def reduce(self, rows: np.ndarray, num_slots: int, ordered: bool = True) -> np.ndarray:
+        assert self.backend is not None
+        out = np.empty(rows.shape[1], rows.dtype)
+        self.backend.reduce(rows, num_slots, out, ordered=ordered)
+        return out
+
+    def reduce_alone(self, rows: np.ndarray, num_slots: int) -> tuple[str, float]:
+        """Reduce while the peers stay away: the error's name and the CPU seconds spent waiting."""
+        started = time.process_time()
+        try:
+            self.reduce(rows, num_slots)
+            outcome = "finished"
+        except AllReduceTimeoutError as exc:
+            outcome = type(exc).__name__
+        return outcome, time.process_time() - started
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
+class DataProbeWorker(TrainWorker):
+    """The training worker, plus a look at how it holds the dataset."""
+
+    def data_flags(self) -> dict[str, bool]:
+        X = self.data["X_train"]
+        return {"writeable": bool(X.flags.writeable), "owndata": bool(X.flags.owndata)}
+
+
+class FailingWorker(TrainWorker):
+    """A worker whose rank 1 cannot start."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        if rank == 1:
+            raise RuntimeError("rank 1 refuses to start")
+        super().__init__(rank, world_size)

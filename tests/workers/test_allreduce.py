@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import uuid
+from functools import reduce
+
+import numpy as np
+import pytest
+import ray
+
+from tests.workers.conftest import available
+from tests.workers.probes import ReduceProbe
+from workers.allreduce import (
+    AllReduceSetup,
+    LeaderExchange,
+    Topology,
+    backend_unavailable_reason,
+    chunk_bounds,
+    ordered_sum,
+    owned_slots,
+)
+from workers.errors import AllReduceTimeoutError
+from workers.group import WorkerGroup
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def fold(rows: list[np.ndarray]) -> np.ndarray:
+    """The reference: slot 0 + slot 1 + ... from the left, in NumPy."""
+    return reduce(lambda acc, row: acc + row, rows[1:], rows[0].copy())
+
+
+def test_ordered_sum_adds_from_the_left(rng: np.random.Generator) -> None:
+    scales = 10.0 ** rng.integers(-6, 6, 1000)
+    rows = (rng.standard_normal((9, 1000)) * scales).astype(np.float32)
+    out = ordered_sum(rows, np.empty(1000, np.float32))
+    assert np.array_equal(out, fold(list(rows)))
+
+
+def test_chunk_bounds_cover_everything_even_with_more_parts_than_elements() -> None:
+    assert chunk_bounds(10, 3) == [0, 3, 6, 10]
+    assert chunk_bounds(2, 4) == [0, 0, 1, 1, 2]
+    assert chunk_bounds(0, 2) == [0, 0, 0]
+
+
+def test_slots_go_round_robin_over_ranks() -> None:
+    assert [list(owned_slots(r, 3, 8)) for r in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+def test_topology_groups_ranks_by_node() -> None:
+    topology = Topology.from_node_ids(["b", "a", "b", "c"])
+    assert topology.node_of_rank == (0, 1, 0, 2)
+    assert topology.num_nodes == 3
+    assert topology.local_ranks(0) == [0, 2]
+    assert [topology.is_leader(r) for r in range(4)] == [True, True, False, True]
+
+
+def test_unknown_backend_is_explained() -> None:
+    assert "unknown" in str(backend_unavailable_reason("mpi"))
+    assert backend_unavailable_reason("ray") is None
+
+
+# --- real all-reduces between Ray actors -----------------------------------------------
+
+
+def join(
+    group: WorkerGroup,
+    backend: str,
+    *,
+    num_slots: int,
+    vector_size: int,
+    dtype: str = "float32",
+    bucket_bytes: int = 4096,
+    node_ids: list[str] | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Set up ``group``'s probes with their own all-reduce (``node_ids`` may pretend
+    that ranks on this machine live on different nodes)."""
+    setup = AllReduceSetup(
+        backend=backend,
+        node_ids=tuple(node_ids or [info.node_id for info in group.infos]),
+        name=f"test-{uuid.uuid4().hex[:10]}",
+        num_slots=num_slots,
+        bucket_bytes=bucket_bytes,
+        timeout_s=timeout_s,
+    )
+    topology = Topology.from_node_ids(setup.node_ids)
+    exchange = None
+    if backend == "ray" and topology.num_nodes > 1:
+        exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(topology.num_nodes)
+    for phase in ("create", "attach", "seal"):
+        group.execute(
+            "setup_allreduce", setup, phase, exchange, vector_size=vector_size, dtype=dtype
+        )
+
+
+def check_reduce(
+    group: WorkerGroup,
+    rng: np.random.Generator,
+    *,
+    num_slots: int,
+    n: int,
+    dtype: str = "float32",
+    ordered: bool = True,
+) -> None:
+    world = group.num_workers
+    # Magnitudes spread over many decades, so a different order would change the bits.
+    slots = [
+        (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(dtype)
+        for _ in range(num_slots)
+    ]
+    refs = [
+        actor.reduce.remote(
+            np.stack([slots[s] for s in owned_slots(rank, world, num_slots)]), num_slots, ordered
+        )
+        for rank, actor in enumerate(group.actors)
+    ]
+    results = group.gather(refs)
+    expected = fold(slots)
+    for result in results:
+        assert result.dtype == np.dtype(dtype)
+        if ordered:
+            assert np.array_equal(result, expected)
+        else:
+            np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-30)
+    for result in results[1:]:
+        assert np.array_equal(result, results[0])
+
+
+@pytest.mark.parametrize(
+    ("backend", "world"),
+    [("ray", 2), ("ray", 3), ("ray", 4), available("gloo", 2), available("gloo", 3)],
+)
+def test_allreduce_sums_slots_in_slot_order(
+    backend: str, world: int, rng: np.random.Generator
+) -> None:
+    with WorkerGroup.start(world, worker_cls=ReduceProbe) as group:
+        # 12 bytes: three float32 elements per bucket, fewer than the workers.
+        for bucket_bytes in (12, 4096):
+            join(group, backend, num_slots=8, vector_size=2001, bucket_bytes=bucket_bytes)
+            for n in (1, 7, 2001):
+                check_reduce(group, rng, num_slots=8, n=n)
+            check_reduce(group, rng, num_slots=world, n=999)
+            check_reduce(group, rng, num_slots=world + 1, n=5)
+        join(group, backend, num_slots=world, vector_size=513, dtype="float64")
+        check_reduce(group, rng, num_slots=world, n=513, dtype="float64")
+        check_reduce(group, rng, num_slots=world, n=513, dtype="float64", ordered=False)
+
+
+@pytest.mark.parametrize("node_ids", [["a", "b", "a", "b"], ["a", "a", "b"], ["a", "b"]])
+def test_leaders_reduce_across_nodes_in_slot_order(
+    node_ids: list[str], rng: np.random.Generator
+) -> None:
+    with WorkerGroup.start(len(node_ids), worker_cls=ReduceProbe) as group:
+        for bucket_bytes in (8, 1 << 16):
+            join(
+                group,
+                "ray",
+                num_slots=8,
+                vector_size=3001,
+                bucket_bytes=bucket_bytes,
+                node_ids=node_ids,
+            )
+            check_reduce(group, rng, num_slots=8, n=3001 if bucket_bytes > 8 else 37)
+            check_reduce(group, rng, num_slots=len(node_ids), n=5)
+
+
+def test_a_missing_peer_times_out_with_a_typed_error() -> None:
+    with WorkerGroup.start(2, worker_cls=ReduceProbe) as group:
+        join(group, "ray", num_slots=2, vector_size=4, timeout_s=0.5)
+        rows = np.ones((1, 4), np.float32)
+        with pytest.raises(AllReduceTimeoutError, match="did not reach"):
+            ray.get(group.actors[0].reduce.remote(rows, 2))
+
+
+def test_waiting_at_the_barrier_does_not_burn_the_cpu() -> None:
+    with WorkerGroup.start(2, worker_cls=ReduceProbe) as group:
+        join(group, "ray", num_slots=2, vector_size=4, timeout_s=2.0)
+        outcome, cpu_s = ray.get(group.actors[0].reduce_alone.remote(np.ones((1, 4)), 2))
+    assert outcome == "AllReduceTimeoutError"
+    # Two seconds of waiting; a spinning waiter would use about two seconds of CPU.
+    assert cpu_s < 0.5

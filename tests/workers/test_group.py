@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+from ray.util.placement_group import placement_group_table
+
+from core.data import Dataset
+from tests.workers.conftest import CNN, assert_same_weights, job_spec
+from tests.workers.probes import DataProbeWorker, FailingWorker
+from workers.errors import (
+    WorkerFailedError,
+    WorkerGroupStartupError,
+    WorkerGroupStartupTimeoutError,
+)
+from workers.group import WorkerGroup
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def placement_groups_alive() -> set[str]:
+    return {pg_id for pg_id, info in placement_group_table().items() if info["state"] != "REMOVED"}
+
+
+def actor_gone(name: str) -> bool:
+    """Whether the named actor is dead (its name released, or its handle failing)."""
+    try:
+        handle = ray.get_actor(name)
+    except ValueError:
+        return True
+    try:
+        ray.get(handle.ping.remote(), timeout=30)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def setup_job(group: WorkerGroup, dataset: Dataset, job: dict, **options: object) -> None:
+    data = {
+        "X_train": ray.put(dataset.X),
+        "y_train": ray.put(dataset.y),
+        "X_val": ray.put(dataset.X[:0]),
+        "y_val": ray.put(dataset.y[:0]),
+    }
+    group.execute(
+        "setup_job",
+        job,
+        data,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        deterministic=options.get("deterministic", True),
+        micro_shards=4,
+    )
+
+
+def test_group_starts_ranks_in_order_and_shuts_down() -> None:
+    before = placement_groups_alive()
+    group = WorkerGroup.start(3, placement_strategy="SPREAD")
+    status = group.poll_status()
+    assert [w.rank for w in status.workers] == [0, 1, 2]
+    assert status.all_alive and status.num_nodes == 1
+    assert len({w.pid for w in status.workers}) == 3
+    assert group.execute("ping") == [w.pid for w in status.workers]
+    group.shutdown()
+    group.shutdown()  # idempotent
+    assert all(actor_gone(w.actor_name) for w in status.workers)
+    assert placement_groups_alive() == before
+
+
+def test_resources_that_never_come_time_out_and_leave_nothing_behind() -> None:
+    before = placement_groups_alive()
+    with pytest.raises(WorkerGroupStartupTimeoutError, match="not placed"):
+        WorkerGroup.start(2, resources_per_worker={"no_such_accelerator": 1}, startup_timeout_s=1)
+    assert placement_groups_alive() == before
+
+
+def test_a_worker_that_fails_to_start_fails_the_group_and_the_rest_are_killed() -> None:
+    before = placement_groups_alive()
+    with pytest.raises(WorkerGroupStartupError, match="failed to start"):
+        WorkerGroup.start(3, worker_cls=FailingWorker)
+    assert placement_groups_alive() == before
+
+
+def test_a_killed_worker_surfaces_as_worker_failed_naming_its_rank() -> None:
+    with WorkerGroup.start(2) as group:
+        os.kill(group.infos[1].pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailedError) as failure:
+            group.execute("ping")
+        assert failure.value.rank == 1
+        status = group.poll_status()
+        assert [w.alive for w in status.workers] == [True, False]
+
+
+def test_replicas_start_identical_and_stay_identical(digits: Dataset) -> None:
+    job = job_spec(CNN)
+    with WorkerGroup.start(3, worker_cls=DataProbeWorker) as group:
+        setup_job(group, digits, job)
+        first = group.execute("weights")
+        for other in first[1:]:
+            assert_same_weights(first[0], other)
+        # The dataset is read in place from the object store, not copied into each worker.
+        assert group.execute("data_flags") == [{"writeable": False, "owndata": False}] * 3
+        group.setup_allreduce("ray", num_slots=4)
+        results = [group.execute("train_step", 0, b) for b in range(3)]
+        assert all(r.finite for step in results for r in step)
+        assert [step[0].step for step in results] == [1, 2, 3]
+        after = group.execute("weights")
+        for other in after[1:]:
+            assert_same_weights(after[0], other)
+        assert not np.array_equal(after[0]["0.W"], first[0]["0.W"])
+
+
+def test_fast_mode_keeps_replicas_identical(digits: Dataset) -> None:
+    with WorkerGroup.start(2) as group:
+        setup_job(group, digits, job_spec(), deterministic=False)
+        group.setup_allreduce("ray", num_slots=2)
+        for b in range(3):
+            group.execute("train_step", 0, b)
+        weights = group.execute("weights")
+        assert_same_weights(weights[0], weights[1])

@@ -1,0 +1,569 @@
+"""All-reduce of one flat buffer per step, in a fixed order of summation.
+
+Every backend computes the same thing. The buffer to reduce is cut into
+``num_slots`` contributions (one per micro-shard in deterministic mode, one per
+worker otherwise); slot ``s`` belongs to rank ``s % world_size``, and each
+rank hands in the rows of its slots. The result, on every rank, is
+
+    out = ((slot_0 + slot_1) + slot_2) + ... + slot_{num_slots - 1}
+
+element by element. Floating-point addition is not associative, so it is this
+fixed order that makes the result independent of the number of workers: the
+same slots summed in the same order give the same bits, whoever computed them.
+
+Backends:
+
+``ray`` (default; Ray and NumPy only)
+    Workers on one node meet in a shared-memory segment: each writes its slot
+    rows, then each sums its share of the elements over all slots in slot
+    order, then each copies the whole result out. Across nodes only the lowest
+    rank of each node (its leader) talks: leaders swap slot rows so that each
+    sums one chunk of the elements (a reduce-scatter that keeps slot order),
+    then swap the summed chunks (an all-gather), through Ray's object store.
+``gloo``
+    ``ray.util.collective`` with its gloo backend, which in Ray 2.60 is
+    ``torch.distributed`` (``TorchGLOOGroup``; it needs torch, not pygloo).
+    In order: an all-gather of the slot rows, then the ordered sum on every
+    rank. Unordered (``ordered=False``): gloo's own all-reduce.
+``nccl``
+    ``ray.util.collective`` NCCL on CuPy arrays, one GPU per worker (needs
+    CuPy and torch); the same two paths as gloo.
+
+Large buffers are reduced in buckets of ``ALLREDUCE_BUCKET_BYTES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from workers.config import ALLREDUCE_BUCKET_BYTES, ALLREDUCE_TIMEOUT_S, BARRIER_MAX_SLEEP_S
+from workers.errors import AllReduceTimeoutError, BackendUnavailableError
+
+BACKENDS = ("ray", "gloo", "nccl")
+_CACHE_LINE_BYTES = 64
+
+
+# --- the contract ---------------------------------------------------------------------
+
+
+def owned_slots(rank: int, world_size: int, num_slots: int) -> range:
+    """The slots rank ``rank`` contributes: ``rank, rank + world_size, ...``."""
+    return range(rank, num_slots, world_size)
+
+
+def ordered_sum(rows: Sequence[Any] | np.ndarray, out: Any) -> Any:
+    """``out = ((rows[0] + rows[1]) + rows[2]) + ...`` element by element.
+
+    Never ``rows.sum(axis=0)``: NumPy may sum an axis pairwise, in an order
+    that depends on the number of rows.
+    """
+    out[...] = rows[0]
+    for row in rows[1:]:
+        out += row
+    return out
+
+
+def chunk_bounds(length: int, parts: int) -> list[int]:
+    """``parts + 1`` boundaries cutting ``range(length)`` into near-equal chunks (some may be
+    empty when ``parts > length``)."""
+    return [(i * length) // parts for i in range(parts + 1)]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which node each rank runs on, as small integers in order of first appearance."""
+
+    node_of_rank: tuple[int, ...]
+
+    @classmethod
+    def from_node_ids(cls, node_ids: Sequence[str]) -> Topology:
+        index: dict[str, int] = {}
+        for node_id in node_ids:
+            index.setdefault(node_id, len(index))
+        return cls(tuple(index[node_id] for node_id in node_ids))
+
+    @property
+    def world_size(self) -> int:
+        return len(self.node_of_rank)
+
+    @property
+    def num_nodes(self) -> int:
+        return max(self.node_of_rank) + 1
+
+    def local_ranks(self, node: int) -> list[int]:
+        return [r for r, n in enumerate(self.node_of_rank) if n == node]
+
+    def leader(self, node: int) -> int:
+        return self.local_ranks(node)[0]
+
+    def is_leader(self, rank: int) -> bool:
+        return self.leader(self.node_of_rank[rank]) == rank
+
+
+class AllReduce:
+    """One rank's end of an all-reduce; subclasses reduce one bucket."""
+
+    name: ClassVar[str]
+    #: The array module of the buffers this backend takes (NumPy, or CuPy for NCCL).
+    xp: ModuleType = np
+
+    def __init__(self, *, rank: int, world_size: int, bucket_elements: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.bucket_elements = max(int(bucket_elements), 1)
+
+    def reduce(self, rows: Any, num_slots: int, out: Any, *, ordered: bool = True) -> None:
+        """Sum the slot rows of every rank into ``out`` on every rank.
+
+        rows: (len(owned_slots(rank, world_size, num_slots)), n), this rank's slots in
+        increasing order; out: (n,). With ``ordered=False`` a backend may use its own
+        order of summation (faster, but the bits then depend on the number of workers).
+        """
+        n = out.shape[0]
+        expected = len(owned_slots(self.rank, self.world_size, num_slots))
+        if rows.shape != (expected, n):
+            raise ValueError(f"rank {self.rank} owns {expected} rows of {n}, got {rows.shape}")
+        for start in range(0, n, self.bucket_elements):
+            stop = min(start + self.bucket_elements, n)
+            self._reduce_bucket(rows[:, start:stop], num_slots, out[start:stop], ordered)
+
+    def _reduce_bucket(self, rows: Any, num_slots: int, out: Any, ordered: bool) -> None:
+        raise NotImplementedError
+
+    # Setup runs in three phases, each on every rank before the next (see make_allreduce).
+    def attach(self) -> None:
+        """Second phase: join what the first phase created elsewhere."""
+
+    def seal(self) -> None:
+        """Third phase: every rank has joined."""
+
+    def close(self) -> None:
+        """Release what the backend holds (idempotent)."""
+
+
+@dataclass(frozen=True)
+class AllReduceSetup:
+    """How a group's ranks reduce; the same on every rank."""
+
+    backend: str
+    #: The Ray node of each rank, in rank order.
+    node_ids: tuple[str, ...]
+    #: Unique per group: names its shared-memory segments or its collective group.
+    name: str
+    num_slots: int
+    bucket_bytes: int = ALLREDUCE_BUCKET_BYTES
+    timeout_s: float = ALLREDUCE_TIMEOUT_S
+
+    @property
+    def world_size(self) -> int:
+        return len(self.node_ids)
+
+
+def make_allreduce(
+    setup: AllReduceSetup, *, rank: int, vector_size: int, dtype: Any, exchange: Any = None
+) -> AllReduce:
+    """The first setup phase of rank ``rank``: build its end of the all-reduce.
+
+    Then, on every rank in turn, :meth:`AllReduce.attach` and :meth:`AllReduce.seal`.
+    ``exchange`` is the :class:`LeaderExchange` actor of a ``ray`` group on several nodes.
+    """
+    bucket_elements = bucket_elements_for(dtype, setup.bucket_bytes)
+    if setup.backend == "ray":
+        backend = SharedMemoryAllReduce(
+            rank=rank,
+            topology=Topology.from_node_ids(setup.node_ids),
+            segment_prefix=setup.name,
+            num_slots=setup.num_slots,
+            vector_size=vector_size,
+            dtype=dtype,
+            bucket_elements=bucket_elements,
+            exchange=exchange,
+            timeout_s=setup.timeout_s,
+        )
+        backend.create()
+        return backend
+    if setup.backend in ("gloo", "nccl"):
+        return CollectiveAllReduce(
+            backend=setup.backend,
+            rank=rank,
+            world_size=setup.world_size,
+            group_name=setup.name,
+            dtype=dtype,
+            bucket_elements=bucket_elements,
+            timeout_s=setup.timeout_s,
+        )
+    raise BackendUnavailableError(backend_unavailable_reason(setup.backend) or setup.backend)
+
+
+def bucket_elements_for(dtype: Any, bucket_bytes: int = ALLREDUCE_BUCKET_BYTES) -> int:
+    return max(bucket_bytes // np.dtype(dtype).itemsize, 1)
+
+
+def backend_unavailable_reason(name: str, *, check_devices: bool = True) -> str | None:
+    """Why backend ``name`` cannot run in this process, or None when it can.
+
+    ``check_devices=False`` checks only the software (for a driver without GPUs).
+    """
+    if name == "ray":
+        return None
+    if name == "gloo":
+        try:
+            import torch.distributed as dist
+        except ImportError:
+            return "the gloo backend needs torch: pip install 'trainq[gloo]'"
+        if not dist.is_available():
+            return "this torch build has no torch.distributed"
+        from ray.util.collective import collective
+
+        if not collective.gloo_available():
+            return "ray.util.collective has no gloo backend here"
+        return None
+    if name == "nccl":
+        try:
+            import cupy
+            import torch  # noqa: F401  (Ray's NCCL group imports it)
+        except ImportError:
+            return "the nccl backend needs CuPy and torch on a machine with CUDA"
+        try:
+            if check_devices and cupy.cuda.runtime.getDeviceCount() < 1:
+                return "no CUDA device"
+        except Exception as exc:  # CUDA driver missing or broken
+            return f"no usable CUDA device: {exc}"
+        from ray.util.collective import collective
+
+        if not collective.nccl_available():
+            return "ray.util.collective has no NCCL backend here"
+        return None
+    return f"unknown all-reduce backend {name!r}; expected one of {BACKENDS}"
+
+
+# --- "ray": shared memory on a node, Ray's object store between nodes -----------------
+
+
+class SharedMemoryBarrier:
+    """A reusable barrier for the ranks of one node, in a shared-memory segment.
+
+    Each local rank owns one counter that only it writes (so no atomic
+    read-modify-write is needed): arriving at barrier ``g`` sets it to ``g``,
+    and a rank passes once every counter has reached ``g``. Waiting sleeps
+    with exponential backoff, so waiters do not burn the CPU their peers need.
+    """
+
+    def __init__(self, counters: np.ndarray, local_index: int, timeout_s: float) -> None:
+        self._counters = counters
+        self._index = local_index
+        self._timeout_s = timeout_s
+        self._generation = int(counters[local_index])
+
+    def wait(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        counters = self._counters
+        counters[self._index] = generation
+        if counters.min() >= generation:
+            return
+        deadline = time.monotonic() + self._timeout_s
+        pause = 1e-5
+        while counters.min() < generation:
+            if time.monotonic() > deadline:
+                late = [i for i, c in enumerate(counters.tolist()) if c < generation]
+                raise AllReduceTimeoutError(
+                    f"local ranks {late} did not reach the all-reduce barrier "
+                    f"within {self._timeout_s:g} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, BARRIER_MAX_SLEEP_S)
+
+
+@dataclass(frozen=True)
+class SharedMemoryLayout:
+    """Where things live in a node's segment: barrier counters, then two sets of
+    (slot rows, result) used by alternate buckets, so that a fast rank writing
+    the next bucket never overwrites what a slow rank still reads."""
+
+    local_size: int
+    num_slots: int
+    bucket_elements: int
+    itemsize: int
+
+    @property
+    def counters_bytes(self) -> int:
+        raw = self.local_size * 8
+        return -(-raw // _CACHE_LINE_BYTES) * _CACHE_LINE_BYTES
+
+    @property
+    def half_bytes(self) -> int:
+        return (self.num_slots + 1) * self.bucket_elements * self.itemsize
+
+    @property
+    def size(self) -> int:
+        return self.counters_bytes + 2 * self.half_bytes
+
+
+class SharedMemoryAllReduce(AllReduce):
+    """The ``ray`` backend (see the module docstring).
+
+    Set up in three phases, each on every rank of the group before the next:
+    :meth:`create` (leaders make their node's segment), :meth:`attach` (the
+    others map it), :meth:`seal` (leaders unlink its name, so the memory goes
+    away with the last process that maps it, even one killed by SIGKILL).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        topology: Topology,
+        segment_prefix: str,
+        num_slots: int,
+        vector_size: int,
+        dtype: Any,
+        bucket_elements: int,
+        exchange: Any = None,
+        timeout_s: float = ALLREDUCE_TIMEOUT_S,
+    ) -> None:
+        super().__init__(
+            rank=rank,
+            world_size=topology.world_size,
+            bucket_elements=min(bucket_elements, max(vector_size, 1)),
+        )
+        self.topology = topology
+        self.node = topology.node_of_rank[rank]
+        self.local_ranks = topology.local_ranks(self.node)
+        self.local_index = self.local_ranks.index(rank)
+        self.is_leader = self.local_index == 0
+        self.dtype = np.dtype(dtype)
+        self.num_slots = num_slots
+        self.timeout_s = timeout_s
+        self.segment_name = f"{segment_prefix}-n{self.node}"
+        self.layout = SharedMemoryLayout(
+            local_size=len(self.local_ranks),
+            num_slots=num_slots,
+            bucket_elements=self.bucket_elements,
+            itemsize=self.dtype.itemsize,
+        )
+        if topology.num_nodes > 1 and exchange is None:
+            raise ValueError("a group on several nodes needs an exchange between node leaders")
+        self._exchange = exchange
+        self._shm: shared_memory.SharedMemory | None = None
+        self._buckets = 0
+        self._rounds = 0
+
+    # --- setup ------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """First phase: the leader of each node makes its node's segment."""
+        if self.is_leader:
+            self._shm = shared_memory.SharedMemory(
+                name=self.segment_name, create=True, size=self.layout.size
+            )
+            np.ndarray((self.layout.local_size,), np.int64, self._shm.buf)[:] = 0
+
+    def attach(self) -> None:
+        if not self.is_leader:
+            self._shm = shared_memory.SharedMemory(name=self.segment_name)
+            # The leader owns the segment; without this, this process's resource
+            # tracker would unlink it (and warn) when this process exits.
+            resource_tracker.unregister("/" + self._shm.name, "shared_memory")
+        self._map()
+
+    def seal(self) -> None:
+        if self.is_leader and self._shm is not None:
+            self._shm.unlink()
+
+    def _map(self) -> None:
+        assert self._shm is not None
+        layout = self.layout
+        buf = self._shm.buf
+        counters = np.ndarray((layout.local_size,), np.int64, buf)
+        self._barrier = SharedMemoryBarrier(counters, self.local_index, self.timeout_s)
+        self._slots: list[np.ndarray] = []
+        self._results: list[np.ndarray] = []
+        for half in range(2):
+            offset = layout.counters_bytes + half * layout.half_bytes
+            block = np.ndarray(
+                (layout.num_slots + 1, layout.bucket_elements), self.dtype, buf, offset
+            )
+            self._slots.append(block[:-1])
+            self._results.append(block[-1])
+
+    # --- reducing -----------------------------------------------------------------------
+
+    def _reduce_bucket(self, rows: Any, num_slots: int, out: Any, ordered: bool) -> None:
+        if num_slots > self.num_slots:
+            raise ValueError(f"segment holds {self.num_slots} slots, asked for {num_slots}")
+        n = out.shape[0]
+        half = self._buckets % 2
+        self._buckets += 1
+        slots, result = self._slots[half], self._results[half]
+        for row, slot in zip(rows, owned_slots(self.rank, self.world_size, num_slots), strict=True):
+            slots[slot, :n] = row
+        self._barrier.wait()
+        if self.topology.num_nodes == 1:
+            bounds = chunk_bounds(n, len(self.local_ranks))
+            lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
+            if hi > lo:
+                ordered_sum(slots[:num_slots, lo:hi], result[lo:hi])
+        elif self.is_leader:
+            self._reduce_across_nodes(slots, result, num_slots, n)
+        self._barrier.wait()
+        out[...] = result[:n]
+
+    def _reduce_across_nodes(
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int
+    ) -> None:
+        """Leaders only: each sums one chunk over all slots, then all swap chunks."""
+        topology = self.topology
+        nodes = topology.num_nodes
+        bounds = chunk_bounds(n, nodes)
+        slots_of_node = [
+            sorted(
+                s
+                for r in topology.local_ranks(node)
+                for s in owned_slots(r, self.world_size, num_slots)
+            )
+            for node in range(nodes)
+        ]
+        mine = slots_of_node[self.node]
+        outgoing = [
+            np.ascontiguousarray(slots[mine, bounds[k] : bounds[k + 1]]) for k in range(nodes)
+        ]
+        incoming = self._swap(outgoing)
+        lo, hi = bounds[self.node], bounds[self.node + 1]
+        gathered = np.empty((num_slots, hi - lo), self.dtype)
+        for node, block in enumerate(incoming):
+            gathered[slots_of_node[node]] = block
+        chunk = ordered_sum(gathered, np.empty(hi - lo, self.dtype))
+        chunks = self._swap([chunk] * nodes)
+        for node, block in enumerate(chunks):
+            result[bounds[node] : bounds[node + 1]] = block
+
+    def _swap(self, outgoing: list[np.ndarray]) -> list[np.ndarray]:
+        """Send ``outgoing[k]`` to the leader of node ``k``; receive one array from each."""
+        import ray
+
+        self._rounds += 1
+        refs = [ray.put(block) for block in outgoing]
+        # Refs inside a list travel as references; the receiver fetches the data.
+        reply = self._exchange.swap.remote(self._rounds, self.node, [[ref] for ref in refs])
+        try:
+            incoming = ray.get(reply, timeout=self.timeout_s)
+            return [ray.get(ref[0], timeout=self.timeout_s) for ref in incoming]
+        except ray.exceptions.GetTimeoutError:
+            raise AllReduceTimeoutError(
+                f"node leaders did not exchange within {self.timeout_s:g} s"
+            ) from None
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._slots, self._results = [], []
+            self._barrier = None  # type: ignore[assignment]
+            try:
+                self._shm.close()
+            except BufferError:  # a view is still alive somewhere; the process exit frees it
+                pass
+            self._shm = None
+
+
+class LeaderExchange:
+    """Mailbox through which node leaders swap object references, round by round.
+
+    A plain class; the worker group runs it as an async Ray actor with no CPU.
+    Leader ``k`` posts one reference for each leader; it gets back, in node
+    order, the references every leader posted for it.
+    """
+
+    def __init__(self, num_nodes: int) -> None:
+        self.num_nodes = num_nodes
+        self._posted: dict[int, dict[int, list[Any]]] = {}
+        self._complete: dict[int, asyncio.Event] = {}
+        self._collected: dict[int, int] = {}
+
+    async def swap(self, round_id: int, node: int, outgoing: list[Any]) -> list[Any]:
+        posted = self._posted.setdefault(round_id, {})
+        complete = self._complete.setdefault(round_id, asyncio.Event())
+        posted[node] = outgoing
+        if len(posted) == self.num_nodes:
+            complete.set()
+        await complete.wait()
+        incoming = [posted[sender][node] for sender in range(self.num_nodes)]
+        self._collected[round_id] = self._collected.get(round_id, 0) + 1
+        if self._collected[round_id] == self.num_nodes:
+            del self._posted[round_id], self._complete[round_id], self._collected[round_id]
+        return incoming
+
+
+# --- gloo and NCCL through ray.util.collective --------------------------------------------
+
+
+class CollectiveAllReduce(AllReduce):
+    """``gloo`` or ``nccl`` through ``ray.util.collective`` (every rank joins at setup)."""
+
+    def __init__(
+        self,
+        *,
+        backend: str,
+        rank: int,
+        world_size: int,
+        group_name: str,
+        dtype: Any,
+        bucket_elements: int,
+        timeout_s: float = ALLREDUCE_TIMEOUT_S,
+    ) -> None:
+        super().__init__(rank=rank, world_size=world_size, bucket_elements=bucket_elements)
+        reason = backend_unavailable_reason(backend)
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+        from ray.util import collective
+        from ray.util.collective.types import Backend
+
+        self.name = backend  # type: ignore[misc]
+        self.group_name = group_name
+        self.dtype = np.dtype(dtype)
+        self._collective = collective
+        if backend == "nccl":
+            import cupy
+
+            self.xp = cupy
+        collective.init_collective_group(
+            world_size,
+            rank,
+            backend=Backend(backend),
+            group_name=group_name,
+            gloo_timeout=int(timeout_s * 1000),
+        )
+        self._open = True
+
+    def _reduce_bucket(self, rows: Any, num_slots: int, out: Any, ordered: bool) -> None:
+        xp, collective = self.xp, self._collective
+        if not ordered and num_slots == self.world_size:
+            buffer = xp.ascontiguousarray(rows[0]).copy()
+            collective.allreduce(buffer, group_name=self.group_name)
+            out[...] = buffer
+            return
+        per_rank = math.ceil(num_slots / self.world_size)
+        n = out.shape[0]
+        send = xp.zeros((per_rank, n), self.dtype)
+        send[: rows.shape[0]] = rows
+        received = [xp.empty((per_rank, n), self.dtype) for _ in range(self.world_size)]
+        collective.allgather(received, send, group_name=self.group_name)
+        ordered_rows = [
+            received[slot % self.world_size][slot // self.world_size] for slot in range(num_slots)
+        ]
+        ordered_sum(ordered_rows, out)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._collective.destroy_collective_group(self.group_name)

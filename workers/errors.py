@@ -1,0 +1,57 @@
+"""Typed errors of worker groups, all-reduce and distributed training."""
+
+from __future__ import annotations
+
+
+class WorkersError(RuntimeError):
+    """Base of every error raised by ``workers``."""
+
+
+class WorkerGroupStartupError(WorkersError):
+    """A worker group could not be started (an actor failed while starting)."""
+
+
+class WorkerGroupStartupTimeoutError(WorkerGroupStartupError):
+    """The resources of a worker group did not become available in time."""
+
+
+class WorkerFailedError(WorkersError):
+    """A worker process died or became unreachable while the group was running."""
+
+    def __init__(self, message: str, *, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class AllReduceTimeoutError(WorkersError):
+    """Peers did not reach an all-reduce barrier within ``ALLREDUCE_TIMEOUT_S``."""
+
+
+class BackendUnavailableError(WorkersError):
+    """An all-reduce backend whose dependencies or devices are missing here."""
+
+
+class TrainingDivergedError(WorkersError):
+    """The loss or gradients became NaN or infinite too many times; ``reason`` says why."""
+
+    def __init__(self, reason: str, *, epoch: int, step: int, count: int) -> None:
+        super().__init__(
+            f"training diverged {count} times, last at epoch {epoch} step {step}: {reason}"
+        )
+        self.reason = reason
+        self.epoch = epoch
+        self.step = step
+        self.count = count
+
+
+class TooManyWorkerFailuresError(WorkerFailedError):
+    """Workers failed more often than the job's ``max_failures`` allows."""
+
+
+class JobCancelledError(WorkersError):
+    """Training stopped because the caller asked for cancellation."""
+
+    def __init__(self, *, epoch: int, step: int) -> None:
+        super().__init__(f"cancelled at epoch {epoch}, step {step}")
+        self.epoch = epoch
+        self.step = step

@@ -1,0 +1,333 @@
+"""A group of worker actors in one placement group, started and stopped as a unit.
+
+``WorkerGroup.start`` reserves one bundle per worker, creates an actor of a
+plain class in each (``ray.remote`` is applied here, not on the class), and
+waits until every actor answers. Anything that fails on the way tears down
+what was created and raises a typed error. Once running, calls go to every
+worker at once; a worker process that dies surfaces as
+:class:`WorkerFailedError` naming its rank.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.allreduce import AllReduceSetup, LeaderExchange, Topology
+from workers.config import WORKER_STARTUP_TIMEOUT_S
+from workers.errors import (
+    AllReduceTimeoutError,
+    WorkerFailedError,
+    WorkerGroupStartupError,
+    WorkerGroupStartupTimeoutError,
+)
+from workers.worker import TrainWorker, WorkerInfo
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    rank: int
+    pid: int
+    node_id: str
+    actor_name: str
+    alive: bool
+
+
+@dataclass(frozen=True)
+class WorkerGroupStatus:
+    """A snapshot the driver polls; it never changes after it is taken."""
+
+    name: str
+    workers: tuple[WorkerStatus, ...]
+
+    @property
+    def num_nodes(self) -> int:
+        return len({w.node_id for w in self.workers})
+
+    @property
+    def all_alive(self) -> bool:
+        return all(w.alive for w in self.workers)
+
+
+class WorkerGroup:
+    """Running actors of one class, ranks ``0 .. num_workers - 1``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        actors: list[Any],
+        actor_names: list[str],
+        infos: list[WorkerInfo],
+        placement: PlacementGroup,
+    ) -> None:
+        self.name = name
+        self.actors = actors
+        self.actor_names = actor_names
+        self.infos = infos
+        self._placement: PlacementGroup | None = placement
+        self._helpers: list[Any] = []
+
+    # --- starting ---------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        num_workers: int,
+        *,
+        worker_cls: type = TrainWorker,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float = 0.0,
+        resources_per_worker: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+        placement_strategy: PlacementStrategy = "PACK",
+        startup_timeout_s: float = WORKER_STARTUP_TIMEOUT_S,
+    ) -> WorkerGroup:
+        """Reserve, create and start ``num_workers`` actors of ``worker_cls``.
+
+        ``worker_cls(rank, world_size)`` is built in each bundle. A bundle holds
+        ``num_cpus_per_worker`` CPUs, ``num_gpus_per_worker`` GPUs and any custom
+        resources (one mapping for all, or one per rank, to pin ranks to nodes).
+        Raises :class:`WorkerGroupStartupTimeoutError` when the resources or the
+        actors are not ready within ``startup_timeout_s``, and
+        :class:`WorkerGroupStartupError` when an actor fails to start.
+        """
+        if num_workers < 1:
+            raise ValueError("a worker group needs at least one worker")
+        bundles = _bundles(
+            num_workers, num_cpus_per_worker, num_gpus_per_worker, resources_per_worker
+        )
+        name = f"trainq-{uuid.uuid4().hex[:12]}"
+        deadline = time.monotonic() + startup_timeout_s
+        placement = placement_group(bundles, strategy=placement_strategy, name=name)
+        actors: list[Any] = []
+        try:
+            try:
+                ray.get(placement.ready(), timeout=startup_timeout_s)
+            except GetTimeoutError:
+                raise WorkerGroupStartupTimeoutError(
+                    f"{num_workers} workers ({bundles[0]} each, {placement_strategy}) "
+                    f"were not placed within {startup_timeout_s:g} s; the cluster lacks resources"
+                ) from None
+            remote_cls: Any = ray.remote(worker_cls)
+            actor_names = [f"{name}-rank{rank}" for rank in range(num_workers)]
+            for rank, bundle in enumerate(bundles):
+                actors.append(
+                    remote_cls.options(
+                        name=actor_names[rank],
+                        num_cpus=bundle.get("CPU", 0),
+                        num_gpus=bundle.get("GPU", 0),
+                        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+                        max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            placement_group=placement, placement_group_bundle_index=rank
+                        ),
+                    ).remote(rank, num_workers)
+                )
+            refs = [actor.info.remote() for actor in actors]
+            try:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                infos = ray.get(refs, timeout=remaining)
+            except GetTimeoutError:
+                raise WorkerGroupStartupTimeoutError(
+                    f"{num_workers} workers did not start within {startup_timeout_s:g} s"
+                ) from None
+            except RayActorError as exc:
+                raise WorkerGroupStartupError(f"a worker failed to start: {exc}") from exc
+        except BaseException:
+            _release(actors, placement)
+            raise
+        return cls(
+            name=name, actors=actors, actor_names=actor_names, infos=infos, placement=placement
+        )
+
+    # --- running --------------------------------------------------------------------------------
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology.from_node_ids([info.node_id for info in self.infos])
+
+    def execute(
+        self,
+        method: str,
+        *args: Any,
+        should_stop: Callable[[], bool] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Call ``method`` on every worker; the results in rank order."""
+        refs = [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+        return self.gather(refs, should_stop=should_stop)
+
+    def execute_on(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        ref = getattr(self.actors[rank], method).remote(*args, **kwargs)
+        return self.gather([ref], ranks=[rank])[0]
+
+    def gather(
+        self,
+        refs: list[Any],
+        *,
+        ranks: list[int] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Any]:
+        """Wait for ``refs`` (one per rank, or per ``ranks``), failing on the first dead worker.
+
+        ``should_stop`` is asked every ``0.1`` s while waiting; when it answers
+        true the wait ends with :class:`StopRequested` (the calls keep running
+        until the caller shuts the group down).
+        """
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        rank_of = {ref: rank for ref, rank in zip(refs, ranks, strict=True)}
+        results: dict[Any, Any] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+            for ref in ready:
+                try:
+                    results[ref] = ray.get(ref)
+                except RayActorError as exc:
+                    raise WorkerFailedError(
+                        f"worker {rank_of[ref]} of {self.name} died: {exc.error_msg}",
+                        rank=rank_of[ref],
+                    ) from exc
+                except AllReduceTimeoutError as exc:
+                    raise WorkerFailedError(
+                        f"worker {rank_of[ref]} of {self.name} timed out in the all-reduce: {exc}",
+                        rank=rank_of[ref],
+                    ) from exc
+            if pending and not ready and should_stop is not None and should_stop():
+                raise StopRequested
+        return [results[ref] for ref in refs]
+
+    def setup_allreduce(self, backend: str, *, num_slots: int, **options: Any) -> None:
+        """Join every worker to one all-reduce (after each has set up its job)."""
+        setup = AllReduceSetup(
+            backend=backend,
+            node_ids=tuple(info.node_id for info in self.infos),
+            name=self.name,
+            num_slots=num_slots,
+            **options,
+        )
+        exchange = None
+        if backend == "ray" and self.topology.num_nodes > 1:
+            exchange = (
+                ray.remote(LeaderExchange)
+                .options(num_cpus=0, name=f"{self.name}-exchange", max_restarts=0)
+                .remote(self.topology.num_nodes)
+            )
+            self._helpers.append(exchange)
+        self.execute("setup_allreduce", setup, "create", exchange)
+        self.execute("setup_allreduce", setup, "attach")
+        self.execute("setup_allreduce", setup, "seal")
+
+    def poll_status(self, timeout_s: float = 5.0) -> WorkerGroupStatus:
+        """Which workers answer a ping within ``timeout_s``."""
+        refs = [actor.ping.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        alive = []
+        for ref in refs:
+            try:
+                alive.append(ref in ready and ray.get(ref) > 0)
+            except RayActorError:
+                alive.append(False)
+        return WorkerGroupStatus(
+            name=self.name,
+            workers=tuple(
+                WorkerStatus(
+                    rank=info.rank,
+                    pid=info.pid,
+                    node_id=info.node_id,
+                    actor_name=self.actor_names[info.rank],
+                    alive=is_alive,
+                )
+                for info, is_alive in zip(self.infos, alive, strict=True)
+            ),
+        )
+
+    def status(self) -> WorkerGroupStatus:
+        """Where each rank runs, without calling the workers; ``alive`` is false once the
+        group is shut down (:meth:`poll_status` asks the workers themselves)."""
+        return WorkerGroupStatus(
+            name=self.name,
+            workers=tuple(
+                WorkerStatus(
+                    rank=info.rank,
+                    pid=info.pid,
+                    node_id=info.node_id,
+                    actor_name=self.actor_names[info.rank],
+                    alive=self._placement is not None,
+                )
+                for info in self.infos
+            ),
+        )
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Kill every actor and release the placement group (idempotent)."""
+        _release([*self.actors, *self._helpers], self._placement)
+        self._helpers = []
+        self._placement = None
+
+    def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _release(actors: list[Any], placement: PlacementGroup | None) -> None:
+    """Kill ``actors`` (SIGKILL, no restart) and remove ``placement``, ignoring what is gone."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
+    if placement is not None:
+        try:
+            remove_placement_group(placement)
+        except Exception:  # already removed, or the cluster is going away
+            pass
+
+
+class StopRequested(Exception):
+    """Raised by :meth:`WorkerGroup.gather` when its ``should_stop`` answers true."""
+
+
+def _bundles(
+    num_workers: int,
+    num_cpus: float,
+    num_gpus: float,
+    resources: Mapping[str, float] | Sequence[Mapping[str, float]] | None,
+) -> list[dict[str, float]]:
+    if resources is None or isinstance(resources, Mapping):
+        per_rank: list[Mapping[str, float]] = [resources or {}] * num_workers
+    else:
+        per_rank = list(resources)
+        if len(per_rank) != num_workers:
+            raise ValueError(f"{len(per_rank)} resource mappings for {num_workers} workers")
+    bundles = []
+    for extra in per_rank:
+        bundle: dict[str, float] = {}
+        if num_cpus:
+            bundle["CPU"] = float(num_cpus)
+        if num_gpus:
+            bundle["GPU"] = float(num_gpus)
+        bundle.update({k: float(v) for k, v in extra.items()})
+        if not bundle:
+            raise ValueError("a worker needs some resource (CPU, GPU or custom)")
+        bundles.append(bundle)
+    return bundles

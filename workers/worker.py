@@ -1,0 +1,343 @@
+"""The training worker: a plain class, made a Ray actor where the group is created.
+
+Each worker holds a full replica of the model. Per step it computes the
+gradients of its slots of the global batch, writes each slot's flattened
+gradient (and loss) into one row of a flat buffer, all-reduces the rows in
+slot order and, when the sum is finite, takes the optimizer step on it. Every
+replica takes the same step on the same sum, so replicas stay identical.
+
+Deterministic mode: slots are ``MICRO_SHARDS`` fixed pieces of the global
+batch, so the sum is the same whatever the number of workers. Fast mode: one
+slot per worker (its contiguous part of the batch), one forward and backward
+per step; the bits then depend on the number of workers.
+
+Models with running statistics (batchnorm) reduce them too: each slot's
+forward starts from the same statistics, and the replicas keep the mean over
+the non-empty slots of the statistics each slot produced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from core.backend import to_numpy
+from core.data import epoch_order
+from core.spec import JobSpec, parse_job_spec
+from core.train import BatchStats, Trainer
+from workers.allreduce import AllReduce, AllReduceSetup, chunk_bounds, make_allreduce, owned_slots
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    pid: int
+    node_id: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class SlotStats:
+    """Sums over the samples of one slot of one step."""
+
+    slot: int
+    loss_sum: float
+    samples: int
+    correct: int
+    predicted: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one worker reports after one step."""
+
+    slots: tuple[SlotStats, ...]
+    #: Whether the all-reduced loss and gradients were finite (and so applied).
+    finite: bool
+    #: Optimizer steps taken so far (unchanged when the step was not applied).
+    step: int
+    allreduce_time_s: float
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """Rank 0's end-of-epoch numbers."""
+
+    lr: float
+    diagnostics: dict[str, float]
+    val: tuple[float, int, int, int] | None
+    allreduce_time_s: float
+    #: False when a finite gradient still pushed a weight to NaN or infinity.
+    weights_finite: bool = True
+
+
+def slot_bounds(batch_size: int, num_slots: int) -> list[int]:
+    """Where each slot of a batch of ``batch_size`` starts and ends."""
+    return chunk_bounds(batch_size, num_slots)
+
+
+class TrainWorker:
+    """One rank of a data-parallel group (see the module docstring)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.trainer: Trainer | None = None
+        self.allreduce: AllReduce | None = None
+        self._epoch_in_progress: int | None = None
+        self._allreduce_time_s = 0.0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    # --- identity -------------------------------------------------------------------------
+
+    def info(self) -> WorkerInfo:
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return WorkerInfo(
+            rank=self.rank, pid=os.getpid(), node_id=node_id, hostname=socket.gethostname()
+        )
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    # --- the job ---------------------------------------------------------------------------
+
+    def setup_job(
+        self,
+        job: dict[str, Any],
+        data: dict[str, Any],
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int | None,
+        deterministic: bool,
+        micro_shards: int,
+        checkpoint: bytes | None = None,
+    ) -> tuple[int, int, int]:
+        """Build the replica (seeded, so identical on every rank) and load ``checkpoint``.
+
+        ``data`` maps ``X_train, y_train, X_val, y_val`` (and optionally ``X_test,
+        y_test``) to arrays or to Ray object references of arrays, read in place.
+        Returns ``(epoch, step, flat length)``.
+        """
+        spec: JobSpec = parse_job_spec(job)
+        self.job = spec
+        self.data = _resolve(data)
+        self.trainer = Trainer(
+            model_spec=spec.model,
+            optimizer_spec=spec.optimizer,
+            training=spec.training,
+            input_shape=tuple(input_shape),
+            num_classes=num_classes,
+            device=spec.resources.device,
+        )
+        if checkpoint is not None:
+            self.trainer.load(checkpoint)
+        model = self.trainer.model
+        self.deterministic = deterministic
+        self.num_slots = micro_shards if deterministic else self.world_size
+        self._grads = [g for _, _, g in model.parameters()]
+        self._buffers = [buffer for layer in model.layers for buffer in layer.buffers.values()]
+        self._grad_size = sum(int(g.size) for g in self._grads)
+        self._buffer_size = sum(int(b.size) for b in self._buffers)
+        # One row per slot: [gradient | running statistics | loss sum].
+        self.vector_size = self._grad_size + self._buffer_size + 1
+        self._slots = owned_slots(self.rank, self.world_size, self.num_slots)
+        self._rows: Any = None
+        self._sum: Any = None
+        n_train = len(self.data["X_train"])
+        self.steps_per_epoch = math.ceil(n_train / spec.training.batch_size)
+        self.total_steps = self.steps_per_epoch * spec.training.epochs
+        return self.trainer.epoch, self.trainer.step, self.vector_size
+
+    def setup_allreduce(self, setup: AllReduceSetup, phase: str, exchange: Any = None) -> None:
+        """Join the group's all-reduce; ``phase`` is ``create``, ``attach`` or ``seal``,
+        each run on every rank before the next."""
+        assert self.trainer is not None, "setup_job first"
+        if phase == "create":
+            dtype = self.trainer.model.dtype
+            self.allreduce = make_allreduce(
+                setup, rank=self.rank, vector_size=self.vector_size, dtype=dtype, exchange=exchange
+            )
+            xp = self.allreduce.xp
+            self._rows = xp.zeros((len(self._slots), self.vector_size), dtype)
+            self._sum = xp.zeros(self.vector_size, dtype)
+        elif phase == "attach":
+            assert self.allreduce is not None
+            self.allreduce.attach()
+        elif phase == "seal":
+            assert self.allreduce is not None
+            self.allreduce.seal()
+        else:
+            raise ValueError(f"unknown setup phase {phase!r}")
+
+    # --- a step ------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            spec = self.job.training
+            order = epoch_order(len(self.data["X_train"]), spec.seed, epoch, spec.shuffle)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def train_step(self, epoch: int, batch_index: int) -> StepResult:
+        """Batch ``batch_index`` of epoch ``epoch`` (in that epoch's seeded order)."""
+        trainer = self.trainer
+        assert trainer is not None and self.allreduce is not None, "set up first"
+        if self._epoch_in_progress != epoch:
+            self._begin_epoch(epoch)
+        batch_size = self.job.training.batch_size
+        index = self._order(epoch)[batch_index * batch_size : (batch_index + 1) * batch_size]
+        bounds = slot_bounds(len(index), self.num_slots)
+        X, y = self.data["X_train"], self.data["y_train"]
+        saved_buffers = [b.copy() for b in self._buffers]
+        stats: list[SlotStats] = []
+        for row, slot in zip(self._rows, self._slots, strict=True):
+            lo, hi = bounds[slot], bounds[slot + 1]
+            if hi == lo:
+                row[...] = 0
+                stats.append(SlotStats(slot, 0.0, 0, 0, 0))
+                continue
+            for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
+                buffer[...] = saved
+            trainer.model.zero_grad()
+            part = index[lo:hi]
+            batch = trainer.compute_gradients(
+                X[part], y[part], scale=(hi - lo) / len(index), rng_key=(slot,)
+            )
+            self._flatten_into(row, batch)
+            stats.append(
+                SlotStats(slot, batch.loss_sum, batch.samples, batch.correct, batch.predicted)
+            )
+        for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
+            buffer[...] = saved
+        started = time.perf_counter()
+        self.allreduce.reduce(self._rows, self.num_slots, self._sum, ordered=self.deterministic)
+        elapsed = time.perf_counter() - started
+        self._allreduce_time_s += elapsed
+        finite = bool(self.allreduce.xp.isfinite(self._sum).all())
+        if finite:
+            nonempty = sum(1 for s in range(self.num_slots) if bounds[s + 1] > bounds[s])
+            self._unflatten_sum(nonempty)
+            trainer.apply_gradients(
+                steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.total_steps,
+                diagnose=batch_index == self.steps_per_epoch - 1,
+            )
+        return StepResult(
+            slots=tuple(stats), finite=finite, step=trainer.step, allreduce_time_s=elapsed
+        )
+
+    def _flatten_into(self, row: Any, batch: BatchStats) -> None:
+        to_row = self.allreduce.xp.asarray  # type: ignore[union-attr]
+        offset = 0
+        for array in (*self._grads, *self._buffers):
+            size = int(array.size)
+            row[offset : offset + size] = to_row(_same_device(array, row).reshape(-1))
+            offset += size
+        row[offset] = batch.loss_sum
+
+    def _unflatten_sum(self, nonempty_slots: int) -> None:
+        assert self.trainer is not None
+        to_model = self.trainer.model.xp.asarray
+        total = self._sum
+        offset = 0
+        for grad in self._grads:
+            size = int(grad.size)
+            grad[...] = to_model(_same_device(total[offset : offset + size], grad)).reshape(
+                grad.shape
+            )
+            offset += size
+        for buffer in self._buffers:
+            size = int(buffer.size)
+            part = to_model(_same_device(total[offset : offset + size], buffer))
+            buffer[...] = part.reshape(buffer.shape) / nonempty_slots
+            offset += size
+
+    def _begin_epoch(self, epoch: int) -> None:
+        assert self.trainer is not None
+        self.trainer.begin_epoch()
+        self._epoch_in_progress = epoch
+        self._allreduce_time_s = 0.0
+
+    def finish_epoch(self, epoch: int, *, evaluate: bool) -> EpochReport | None:
+        """Mark epoch ``epoch`` (0-based) done; rank 0 also validates and reports."""
+        trainer = self.trainer
+        assert trainer is not None
+        if self._epoch_in_progress != epoch:  # every step of the epoch was skipped
+            self._begin_epoch(epoch)
+        trainer.epoch = epoch + 1
+        self._epoch_in_progress = None
+        if self.rank != 0:
+            return None
+        report = trainer.epoch_diagnostics()
+        xp = trainer.model.xp
+        if not all(bool(xp.isfinite(v).all()) for v in trainer.model.state_dict().values()):
+            return EpochReport(
+                lr=float(trainer.optimizer.lr),
+                diagnostics=report,
+                val=None,
+                allreduce_time_s=self._allreduce_time_s,
+                weights_finite=False,
+            )
+        val = None
+        if evaluate and len(self.data["X_val"]):
+            stats = trainer.evaluate(self.data["X_val"], self.data["y_val"])
+            val = (stats.loss_sum, stats.samples, stats.correct, stats.predicted)
+        return EpochReport(
+            lr=float(trainer.optimizer.lr),
+            diagnostics=report,
+            val=val,
+            allreduce_time_s=self._allreduce_time_s,
+        )
+
+    def evaluate_test(self) -> tuple[float, int, int, int] | None:
+        assert self.trainer is not None
+        X, y = self.data.get("X_test"), self.data.get("y_test")
+        if X is None or y is None or not len(X):
+            return None
+        stats = self.trainer.evaluate(X, y)
+        return (stats.loss_sum, stats.samples, stats.correct, stats.predicted)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def save(self) -> bytes:
+        assert self.trainer is not None
+        return self.trainer.save()
+
+    def load(self, checkpoint: bytes) -> tuple[int, int]:
+        assert self.trainer is not None
+        self.trainer.load(checkpoint)
+        self._epoch_in_progress = None
+        return self.trainer.epoch, self.trainer.step
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by name (NumPy copies)."""
+        assert self.trainer is not None
+        return {k: to_numpy(v) for k, v in self.trainer.model.state_dict().items()}
+
+    def close(self) -> None:
+        if self.allreduce is not None:
+            self.allreduce.close()
+            self.allreduce = None
+
+
+def _same_device(array: Any, like: Any) -> Any:
+    """``array`` moved to host memory when ``like`` lives there (GPU model, host all-reduce)."""
+    if isinstance(like, np.ndarray) and not isinstance(array, np.ndarray):
+        return to_numpy(array)
+    return array
+
+
+def _resolve(data: dict[str, Any]) -> dict[str, Any]:
+    """Arrays as given, or fetched from Ray's object store (mapped, not copied, on this node)."""
+    refs = {k: v for k, v in data.items() if isinstance(v, ray.ObjectRef)}
+    if not refs:
+        return dict(data)
+    values = ray.get(list(refs.values()))
+    return {**data, **dict(zip(refs, values, strict=True))}
