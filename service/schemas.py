@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Public(BaseModel):
@@ -86,7 +86,11 @@ class CheckpointsPublic(BaseModel):
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    #: Rows shaped like the dataset's samples, or texts for a model trained on text.
     inputs: list[Any]
+    #: For a language model: how many tokens to generate after each text (0: the next one).
+    max_new_tokens: int = Field(default=0, ge=0, le=1024)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
 class PredictResponse(BaseModel):

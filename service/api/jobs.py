@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -165,8 +166,12 @@ async def predict_route(
         session=session, team=team, name=job.dataset_name, version=job.dataset_version
     )
     input_shape = tuple(dataset.input_shape) if dataset else ()
-    model = await run_in_threadpool(_models.get, store, job.model_sha256, input_shape)
-    outputs, predicted = await run_in_threadpool(predict, model, body.inputs)
+    loaded = await run_in_threadpool(_models.get, store, job.model_sha256, input_shape)
+    outputs, predicted = await run_in_threadpool(
+        partial(predict, max_new_tokens=body.max_new_tokens, temperature=body.temperature),
+        loaded,
+        body.inputs,
+    )
     return PredictResponse(outputs=outputs, predictions=predicted)
 
 

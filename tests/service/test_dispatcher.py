@@ -93,3 +93,74 @@ def test_a_failing_job_is_retried_then_fails_with_each_error(api: Api) -> None:
         (AttemptStatus.failed, "RuntimeError: worker exploded 1"),
         (AttemptStatus.failed, "RuntimeError: worker exploded 2"),
     ]
+
+
+def test_text_models_answer_texts(api: Api) -> None:
+    classifier = {
+        "name": "moods",
+        "dataset": {"name": "tiny_sentiment"},
+        "model": {
+            "layers": [
+                {"type": "embedding", "vocab_size": 2000, "dim": 16},
+                {"type": "mean_pool"},
+                {"type": "dense", "units": 2},
+            ],
+            "loss": "softmax_cross_entropy",
+        },
+        "optimizer": {"type": "adam", "lr": 0.01},
+        "training": {"epochs": 3, "batch_size": 32},
+    }
+    corpus = ("the cat sat on the mat. the dog sat on the log.\n" * 80).encode()
+    upload = api.client.post(
+        "/api/v1/datasets",
+        params={"name": "mats", "format": "txt"},
+        content=corpus,
+        headers=api.a,
+    )
+    assert upload.status_code == 201, upload.text
+    vocab = upload.json()["num_classes"]
+    language_model = {
+        "name": "mats-lm",
+        "dataset": {"name": "mats"},
+        "model": {
+            "layers": [
+                {"type": "embedding", "vocab_size": vocab, "dim": 16},
+                {"type": "positional_embedding", "max_len": 64},
+                {"type": "transformer_block", "heads": 2},
+                {"type": "dense", "units": vocab},
+            ],
+            "loss": "softmax_cross_entropy",
+        },
+        "optimizer": {"type": "adam", "lr": 0.01},
+        "training": {"epochs": 2, "batch_size": 8},
+    }
+    ids = []
+    for spec in (classifier, language_model):
+        created = api.client.post("/api/v1/jobs", json=spec, headers=api.a)
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    dispatcher = Dispatcher(api.context)
+    assert dispatcher.run_once() and dispatcher.run_once()
+
+    answer = api.client.post(
+        f"/api/v1/jobs/{ids[0]}/predict",
+        json={"inputs": ["what a wonderful day", "this is awful"]},
+        headers=api.a,
+    )
+    assert answer.status_code == 200, answer.text
+    assert np.asarray(answer.json()["outputs"]).shape == (2, 2)
+    assert set(answer.json()["predictions"]) <= {0, 1}
+    numbers = api.client.post(
+        f"/api/v1/jobs/{ids[0]}/predict", json={"inputs": [[1, 2, 3]]}, headers=api.a
+    )
+    assert numbers.status_code == 422 and "strings" in numbers.json()["detail"][0]["msg"]
+
+    continued = api.client.post(
+        f"/api/v1/jobs/{ids[1]}/predict",
+        json={"inputs": ["the cat sat on the "], "max_new_tokens": 8},
+        headers=api.a,
+    )
+    assert continued.status_code == 200, continued.text
+    body = continued.json()
+    assert np.asarray(body["outputs"]).shape == (1, vocab)
+    assert isinstance(body["predictions"][0], str) and len(body["predictions"][0]) == 8, body
