@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench train clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/trainq up
+
+train: $(STAMP)
 	$(BIN)/trainq train examples/digits_cnn.json
 
 test: $(STAMP)
@@ -25,7 +28,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/transformer.py
+	$(BIN)/python bench/allreduce.py
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) .trainq .pytest_cache .ruff_cache
