@@ -250,6 +250,7 @@ class _JobRun:
             deterministic=self.deterministic,
             micro_shards=self.micro_shards,
             checkpoint=self.last_good_ref,
+            dataset_meta=dict(self.dataset.meta),
         )
         num_slots = self.micro_shards if self.deterministic else self.world_size
         group.setup_allreduce(self.backend, num_slots=num_slots)

@@ -118,11 +118,13 @@ class TrainWorker:
         deterministic: bool,
         micro_shards: int,
         checkpoint: bytes | None = None,
+        dataset_meta: dict[str, Any] | None = None,
     ) -> tuple[int, int, int]:
         """Build the replica (seeded, so identical on every rank) and load ``checkpoint``.
 
         ``data`` maps ``X_train, y_train, X_val, y_val`` (and optionally ``X_test,
         y_test``) to arrays or to Ray object references of arrays, read in place.
+        ``dataset_meta`` (a text model's vocabulary) is saved with every checkpoint.
         Returns ``(epoch, step, flat length)``.
         """
         spec: JobSpec = parse_job_spec(job)
@@ -135,6 +137,7 @@ class TrainWorker:
             input_shape=tuple(input_shape),
             num_classes=num_classes,
             device=spec.resources.device,
+            dataset_meta=dataset_meta,
         )
         if checkpoint is not None:
             self.trainer.load(checkpoint)

@@ -91,3 +91,34 @@ def test_digits_cnn_on_two_ray_workers_over_http(service: Service, dispatchers) 
     assert (predicted == digits.y_test[:50]).mean() >= 0.9
     ready = service.http.get("/readyz").json()
     assert ready["checks"] == {"database": "ok", "ray": "ok"}
+
+
+def test_text_classifier_on_ray_workers_answers_texts(service: Service, dispatchers) -> None:  # noqa: ANN001
+    dispatchers(1)
+    spec = {
+        "name": "moods",
+        "dataset": {"name": "tiny_sentiment"},
+        "model": {
+            "layers": [
+                {"type": "embedding", "vocab_size": 2000, "dim": 16},
+                {"type": "mean_pool"},
+                {"type": "dense", "units": 2},
+            ],
+            "loss": "softmax_cross_entropy",
+        },
+        "optimizer": {"type": "adam", "lr": 0.01},
+        "training": {"epochs": 4, "batch_size": 32},
+        "resources": {"workers": 2},
+    }
+    job_id = service.http.post("/api/v1/jobs", json=spec).json()["id"]
+    job = wait_for(service, job_id, ("succeeded", "failed", "cancelled"))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["final_metrics"]["test_accuracy"] > 0.8
+    model = service.http.get(f"/api/v1/jobs/{job_id}/model")
+    with np.load(io.BytesIO(model.content), allow_pickle=False) as state:
+        assert "dataset/meta" in state.files  # the vocabulary travels with the weights
+    answer = service.http.post(
+        f"/api/v1/jobs/{job_id}/predict", json={"inputs": ["a lovely film", "a dull film"]}
+    )
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 2

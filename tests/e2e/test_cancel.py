@@ -1,0 +1,36 @@
+"""Cancelling a job that runs on Ray workers stops it and releases them."""
+
+from __future__ import annotations
+
+import time
+
+from tests.e2e.conftest import Service
+from tests.e2e.test_full_path import DIGITS_CNN, wait_for
+
+
+def test_cancel_a_running_job(service: Service, dispatchers) -> None:  # noqa: ANN001
+    import ray
+
+    service.context.settings.heartbeat_s = 0.2
+    dispatchers(1)
+    spec = {**DIGITS_CNN, "name": "long", "training": {**DIGITS_CNN["training"], "epochs": 500}}
+    job_id = service.http.post("/api/v1/jobs", json=spec).json()["id"]
+    deadline = time.monotonic() + 120
+    while True:
+        series = service.http.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]
+        if "epoch" in series:
+            break
+        assert time.monotonic() < deadline, "the job never finished an epoch"
+        time.sleep(0.2)
+    cancelled = service.http.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
+    job = wait_for(service, job_id, ("cancelled", "failed", "succeeded"))
+    assert job["status"] == "cancelled"
+    assert [a["status"] for a in job["attempt_history"]] == ["cancelled"]
+    epochs = service.http.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]["epoch"]
+    assert len(epochs["values"]) < 500
+    # every worker's CPUs go back to the cluster (actors killed, placement group removed)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
