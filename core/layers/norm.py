@@ -99,6 +99,10 @@ class LayerNorm(Layer):
 
     type = "layernorm"
 
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._mean_weights: Any = None
+
     def _infer(self, input_shape: Shape) -> Shape:
         if len(input_shape) not in (1, 2):
             raise ShapeError(
@@ -113,19 +117,36 @@ class LayerNorm(Layer):
     def _initial_value(self, name: str, shape: Shape, rng: np.random.Generator, *, he: bool):
         return np.ones(shape) if name == "gamma" else np.zeros(shape)
 
+    def _row_mean(self, rows: Any) -> Any:
+        """Mean of each row of ``rows: (R, D)`` as a matrix-vector product, (R, 1);
+        several times faster than a reduction over the last axis."""
+        d = rows.shape[1]
+        weights = self._mean_weights
+        if weights is None or weights.shape[0] != d or weights.dtype != rows.dtype:
+            weights = self._mean_weights = self.xp.full((d, 1), 1.0 / d, dtype=rows.dtype)
+        return rows @ weights
+
     def forward(self, x: Any, training: bool) -> Any:
-        mean = x.mean(axis=-1, keepdims=True)
-        centered = x - mean
-        var = (centered * centered).mean(axis=-1, keepdims=True)
+        rows = x.reshape(-1, x.shape[-1])
+        centered = rows - self._row_mean(rows)
+        var = self._row_mean(centered * centered)
         inv_std = 1.0 / self.xp.sqrt(var + self.spec.eps)
         xhat = centered * inv_std
         self._xhat, self._inv_std = xhat, inv_std
-        return xhat * self.params["gamma"] + self.params["beta"]
+        y = xhat * self.params["gamma"]
+        y += self.params["beta"]
+        return y.reshape(x.shape)
 
     def backward(self, dy: Any) -> Any:
         d = dy.shape[-1]
+        dy2 = dy.reshape(-1, d)
         xhat = self._xhat
-        self._accumulate("gamma", (dy * xhat).reshape(-1, d).sum(axis=0))
-        self._accumulate("beta", dy.reshape(-1, d).sum(axis=0))
+        self._accumulate("gamma", (dy2 * xhat).sum(axis=0))
+        self._accumulate("beta", dy2.sum(axis=0))
         self._grads_done()
-        return _normalize_backward(dy * self.params["gamma"], xhat, self._inv_std, axis=-1)
+        # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), per row
+        dxhat = dy2 * self.params["gamma"]
+        dx = dxhat - self._row_mean(dxhat)
+        dx -= xhat * self._row_mean(dxhat * xhat)
+        dx *= self._inv_std
+        return dx.reshape(dy.shape)
