@@ -18,9 +18,10 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from core import Dataset, JobSpec, parse_job_spec
 from service import queue
@@ -188,6 +189,14 @@ class Dispatcher:
         return True
 
 
+class _Fence(TypedDict):
+    """What identifies an attempt's writes to the queue."""
+
+    session_factory: sessionmaker[Session]
+    job_id: int
+    attempt: int
+
+
 class _Attempt:
     """One attempt at one job, from claim to a final write."""
 
@@ -195,11 +204,11 @@ class _Attempt:
         self.dispatcher = dispatcher
         self.context = dispatcher.context
         self.claimed = claimed
-        self.fence = {
-            "session_factory": self.context.session_factory,
-            "job_id": claimed.id,
-            "attempt": claimed.attempt,
-        }
+        self.fence = _Fence(
+            session_factory=self.context.session_factory,
+            job_id=claimed.id,
+            attempt=claimed.attempt,
+        )
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self.done = threading.Event()

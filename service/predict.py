@@ -121,6 +121,5 @@ def _predict_texts(
                 )
             continuations.append(text_out)
         return outputs, continuations
-    ids = encode_batch(tokenizer, inputs, length)
-    outputs = to_numpy(model.forward(ids, training=False))
-    return outputs.tolist(), to_numpy(predictions(model.spec.loss, outputs)).tolist()
+    logits = to_numpy(model.forward(encode_batch(tokenizer, inputs, length), training=False))
+    return logits.tolist(), to_numpy(predictions(model.spec.loss, logits)).tolist()

@@ -170,7 +170,9 @@ def finish_attempt(
             values["final_metrics"] = final_metrics
         if model_sha256 is not None:
             values["model_sha256"] = model_sha256
-        done = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
+        done = session.connection().execute(
+            update(Job).where(_fenced(job_id, attempt)).values(**values)
+        )
         if done.rowcount:
             _mark_attempt(session, job_id, attempt, attempt_status, error)
         session.commit()

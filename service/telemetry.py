@@ -45,8 +45,8 @@ class JobsCollector(Collector):
             )
         for job_status in JobStatus:
             by_status.add_metric([job_status.value], float(counts.get(job_status, 0)))
-        waits = [(s - c).total_seconds() for c, s, _ in started]
-        runs = [(f - s).total_seconds() for _, s, f in started if f is not None]
+        waits = [(s - c).total_seconds() for c, s, _ in started if s is not None]
+        runs = [(f - s).total_seconds() for _, s, f in started if s is not None and f is not None]
         wait.add_metric([], sum(waits) / len(waits) if waits else 0.0)
         duration.add_metric([], sum(runs) / len(runs) if runs else 0.0)
         oldest.add_metric([], (utcnow() - first_queued).total_seconds() if first_queued else 0.0)
