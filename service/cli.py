@@ -123,6 +123,7 @@ def _api(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             log_level="warning",
+            access_log=False,
         )
         return 0
     context = ServiceContext.from_settings(get_settings())

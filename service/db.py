@@ -11,6 +11,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Connections per process: the API runs sync routes on a pool of 40 threads.
+POOL_SIZE = 10
+POOL_MAX_OVERFLOW = 40
+POOL_RECYCLE_S = 300
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 SQLITE_IMMEDIATE = "trainq_sqlite_immediate"
@@ -28,11 +32,22 @@ def is_sqlite(engine: Engine) -> bool:
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_MAX_OVERFLOW,
+            **kwargs,
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # pool_recycle rather than pool_pre_ping: a ping is one more round trip per request.
+    return create_engine(
+        url,
+        pool_recycle=POOL_RECYCLE_S,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_MAX_OVERFLOW,
+        **kwargs,
+    )
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -77,6 +92,8 @@ def begin_write(session: Session) -> None:
     that read first and then tried to write could fail with "database is
     locked" when another connection wrote in between, busy timeout or not.
     """
+    if session.get_bind().dialect.name != "sqlite":
+        return  # PostgreSQL's row locks and constraints already arbitrate writers
     if session.in_transaction():
         session.commit()
     session.connection(execution_options={SQLITE_IMMEDIATE: True})

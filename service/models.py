@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -70,7 +71,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency_key"),
-        Index("ix_jobs_claim", "status", "priority", "id"),
+        # the claim order: priority first (descending), then age
+        Index("ix_jobs_claim", "status", text("priority DESC"), "id"),
+        Index("ix_jobs_lease", "status", "lease_expires_at"),
         Index("ix_jobs_team_created", "team_id", "id"),
     )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,23 +58,30 @@ def claim_next_job(
     lease_s: float,
     now: datetime | None = None,
 ) -> ClaimedJob | None:
-    """Claim the most urgent claimable job: queued (and past its backoff), or running
-    with an expired lease. Starts a new attempt; None when nothing is claimable."""
+    """Claim the most urgent claimable job: one whose lease expired, else the queued
+    job (past its backoff) first by priority then age. Starts a new attempt; None
+    when nothing is claimable."""
     with write_lock_session(session_factory) as session:
         while True:
             now = now or utcnow()
-            job = session.scalars(
-                select(Job)
-                .where(
-                    or_(
-                        and_(Job.status == JobStatus.queued, Job.available_at <= now),
-                        and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
-                    )
-                )
-                .order_by(Job.priority.desc(), Job.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
+            # A job whose lease expired was started before anything queued now: it goes
+            # first. Each query walks its own index (a single OR would scan the table).
+            job = (
+                session.scalars(
+                    select(Job)
+                    .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+                    .order_by(Job.lease_expires_at)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                ).first()
+                or session.scalars(
+                    select(Job)
+                    .where(Job.status == JobStatus.queued, Job.available_at <= now)
+                    .order_by(Job.priority.desc(), Job.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                ).first()
+            )
             if job is None:
                 session.commit()
                 return None

@@ -65,7 +65,8 @@ def job_runner() -> JobRunner:
 
 def serve(context: ServiceContext, *, host: str, port: int) -> None:
     app = create_app(context)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # No access log: a line per request costs more than many requests do.
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
 def run_dispatchers(

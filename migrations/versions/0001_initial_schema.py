@@ -97,7 +97,10 @@ def upgrade() -> None:
         sa.UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency_key"),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.create_index("ix_jobs_claim", ["status", "priority", "id"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_claim", ["status", sa.text("priority DESC"), "id"], unique=False
+        )
+        batch_op.create_index("ix_jobs_lease", ["status", "lease_expires_at"], unique=False)
         batch_op.create_index("ix_jobs_team_created", ["team_id", "id"], unique=False)
 
     op.create_table(
@@ -167,6 +170,7 @@ def downgrade() -> None:
     op.drop_table("attempts")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_team_created")
+        batch_op.drop_index("ix_jobs_lease")
         batch_op.drop_index("ix_jobs_claim")
 
     op.drop_table("jobs")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.artifacts import ArtifactStore
-from service.auth import team_for_token
+from service.auth import cached_team, team_for_token
 from service.context import ServiceContext
 from service.models import Team
 
@@ -25,9 +26,14 @@ def get_context(request: Request) -> ServiceContext:
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_session(context: ContextDep) -> Iterator[Session]:
-    with context.session_factory() as session:
+async def get_session(context: ContextDep) -> AsyncIterator[Session]:
+    # Opening a session touches no connection; closing one may (it returns the
+    # connection to the pool), so that part runs off the event loop.
+    session = context.session_factory()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -40,7 +46,7 @@ def get_store(context: ContextDep) -> ArtifactStore:
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def get_team(
+async def get_team(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Team:
@@ -50,7 +56,11 @@ def get_team(
             "missing bearer token",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    team = team_for_token(session=session, token=credentials.credentials)
+    team = cached_team(credentials.credentials)
+    if team is None:
+        team = await run_in_threadpool(
+            team_for_token, session=session, token=credentials.credentials
+        )
     if team is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"}
