@@ -142,7 +142,7 @@ class Trainer:
         )
         diagnostics = self._diagnostics
         for layer, pairs in self._layer_params.items():
-            norm_sq = sum(float((g * g).sum()) for _, g in pairs)
+            norm_sq = sum(_squared_norm(g) for _, g in pairs)
             diagnostics.grad_norm_sums[layer] = diagnostics.grad_norm_sums.get(layer, 0.0) + (
                 math.sqrt(norm_sq)
             )
@@ -294,6 +294,12 @@ class Trainer:
 
     def load(self, data: bytes) -> None:
         self.load_state_dict(from_npz_bytes(data))
+
+
+def _squared_norm(array: Any) -> float:
+    """sum(a * a) as one BLAS dot product: no temporary the size of the array."""
+    flat = array.reshape(-1)
+    return float(flat @ flat)
 
 
 def _params_by_layer(model: Model) -> dict[str, list[tuple[Any, Any]]]:
