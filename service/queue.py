@@ -120,6 +120,18 @@ def _fenced(job_id: int, attempt: int) -> Any:
     return and_(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.running)
 
 
+def _still_owns(session: Session, job_id: int, attempt: int) -> bool:
+    """Whether the attempt still owns its job; FOR SHARE (PostgreSQL) or the write
+    lock (SQLite) holds off a re-claim until the caller's transaction ends."""
+    owner = session.execute(
+        select(Job.id).where(_fenced(job_id, attempt)).with_for_update(read=True)
+    ).first()
+    if owner is None:
+        session.commit()
+        return False
+    return True
+
+
 def _mark_attempt(
     session: Session, job_id: int, number: int, status: AttemptStatus, error: str | None = None
 ) -> None:
@@ -249,11 +261,7 @@ def record_checkpoint(
     """Record a stored checkpoint of a running attempt (once per epoch); False when
     the attempt no longer owns the job."""
     with write_lock_session(session_factory) as session:
-        owner = session.execute(
-            select(Job.id).where(_fenced(job_id, attempt)).with_for_update(read=True)
-        ).first()
-        if owner is None:
-            session.commit()
+        if not _still_owns(session, job_id, attempt):
             return False
         insert = _insert_for(session)
         session.execute(
@@ -298,12 +306,7 @@ def write_metrics(
         for name, step, value in rows
     ]
     with write_lock_session(session_factory) as session:
-        # FOR SHARE holds off a concurrent re-claim until these rows are in.
-        owner = session.execute(
-            select(Job.id).where(_fenced(job_id, attempt)).with_for_update(read=True)
-        ).first()
-        if owner is None:
-            session.commit()
+        if not _still_owns(session, job_id, attempt):
             return False
         if values:
             statement = _insert_for(session)(Metric).on_conflict_do_nothing(

@@ -106,6 +106,22 @@ def digits_job(
     }
 
 
+#: Convolution, batchnorm (running statistics), dropout (random masks) and, with Adam,
+#: optimizer moments: a resume or a reduction that lost any of them would diverge.
+STATEFUL_CNN = {
+    "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 2},
+        {"type": "flatten"},
+        {"type": "dropout", "rate": 0.3},
+        {"type": "dense", "units": 10},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
+
 def digits_subset(n_train: int, n_test: int = 100) -> Dataset:
     """The first samples of digits' training pool and test split, to keep training short."""
     full = load_digits()

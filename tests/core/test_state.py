@@ -13,22 +13,7 @@ import pytest
 from core import Trainer, build_model, fit
 from core.checkpoint import from_npz_bytes, to_npz_bytes
 from core.spec import parse_job_spec
-from tests.factories import digits_job, digits_subset, tiny_cnn_spec
-
-# Dropout draws masks and batchnorm keeps running statistics, Adam keeps moments:
-# a resume that lost any of them would diverge.
-STATEFUL_MODEL = {
-    "layers": [
-        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
-        {"type": "batchnorm"},
-        {"type": "relu"},
-        {"type": "maxpool2d", "pool_size": 2},
-        {"type": "flatten"},
-        {"type": "dropout", "rate": 0.3},
-        {"type": "dense", "units": 10},
-    ],
-    "loss": "softmax_cross_entropy",
-}
+from tests.factories import STATEFUL_CNN, digits_job, digits_subset, tiny_cnn_spec
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +23,7 @@ def dataset() -> Any:
 
 @pytest.fixture(scope="module")
 def job() -> dict[str, Any]:
-    return digits_job(
-        STATEFUL_MODEL, optimizer={"type": "adam", "lr": 0.01}, epochs=2, batch_size=32
-    )
+    return digits_job(STATEFUL_CNN, optimizer={"type": "adam", "lr": 0.01}, epochs=2, batch_size=32)
 
 
 def _assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:

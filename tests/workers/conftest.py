@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.data import Dataset, load_digits
+from core.data import Dataset
+from tests.factories import STATEFUL_CNN, digits_subset
 from workers.allreduce import backend_unavailable_reason
 
 MLP = {
@@ -21,18 +22,7 @@ MLP = {
 }
 
 #: Convolution, batchnorm (running statistics) and dropout (per-slot random masks).
-CNN = {
-    "layers": [
-        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
-        {"type": "batchnorm"},
-        {"type": "relu"},
-        {"type": "maxpool2d", "pool_size": 2},
-        {"type": "flatten"},
-        {"type": "dropout", "rate": 0.2},
-        {"type": "dense", "units": 10},
-    ],
-    "loss": "softmax_cross_entropy",
-}
+CNN = STATEFUL_CNN
 
 
 def job_spec(model: dict[str, Any] = MLP, **training: Any) -> dict[str, Any]:
@@ -57,17 +47,7 @@ def job_spec(model: dict[str, Any] = MLP, **training: Any) -> dict[str, Any]:
 
 def small_digits(n: int = 300) -> Dataset:
     """The first ``n`` digits (and the first 100 of the test split)."""
-    full = load_digits()
-    assert full.X_test is not None and full.y_test is not None
-    return Dataset(
-        name="digits",
-        X=full.X[:n],
-        y=full.y[:n],
-        input_shape=full.input_shape,
-        num_classes=full.num_classes,
-        X_test=full.X_test[:100],
-        y_test=full.y_test[:100],
-    )
+    return digits_subset(n)
 
 
 @pytest.fixture(scope="session")
