@@ -29,10 +29,78 @@ class Optimizer:
 
     def step(self) -> None:
         self.steps += 1
+        group = self._small_group()
         for name, param, grad in self.params:
-            self._update(self.state[name], param, grad)
+            if name not in group.names:
+                self._update(self.state[name], param, grad)
+        if group.names:
+            self._step_group(group)
+
+    # Small parameters (biases, small layers) are updated together, as one flat array:
+    # the update is a dozen array operations whatever the size, and on arrays of a few
+    # hundred numbers their overhead is the whole cost. The arithmetic is elementwise,
+    # so every number is computed exactly as it would be alone. The state of a grouped
+    # parameter is a view of the group's flat state (what ``state_dict`` hands out).
+
+    def _small_group(self) -> _Group:
+        group = self.__dict__.get("_group")
+        if group is None:
+            members = [
+                (name, param, grad)
+                for name, param, grad in self.params
+                if param.size <= _GROUP_MAX_SIZE
+                and param.flags.c_contiguous
+                and grad.flags.c_contiguous
+                and param.dtype == self.params[0][1].dtype
+                and array_module(param) is array_module(self.params[0][1])
+            ]
+            group = self.__dict__["_group"] = _Group(members if len(members) > 1 else [])
+        return group
+
+    def _step_group(self, group: _Group) -> None:
+        slots = [self.state[name] for name in group.names]
+        if not group.in_sync(slots):
+            group.shared = []
+            keys = {key for s in slots for key in s}
+            if any(set(s) != keys for s in slots):  # some parameters have state, some not
+                group.state.clear()
+                for name, param, grad in zip(group.names, group.params, group.grads, strict=True):
+                    self._update(self.state[name], param, grad)
+                return
+            # state loaded or set from outside: gather it
+            xp = array_module(group.grad_values)
+            group.state = {key: xp.empty_like(group.grad_values) for key in keys}
+            for key, flat in group.state.items():
+                for s, part in zip(slots, group.parts, strict=True):
+                    flat[part] = s[key].reshape(-1)
+        for view, grad in zip(group.views(group.grad_values), group.grads, strict=True):
+            view[...] = grad
+        values = None
+        if self._reads_values():
+            values = group.values
+            for view, param in zip(group.views(values), group.params, strict=True):
+                view[...] = param
+        for param in group.params:
+            self._decay(param)
+        update = self._direction(group.state, values, group.grad_values)
+        for param, view in zip(group.params, group.views(update), strict=True):
+            param -= view
+        if not group.shared:
+            group.share(slots)
 
     def _update(self, state: dict[str, Any], param: Any, grad: Any) -> None:
+        self._decay(param)
+        param -= self._direction(state, param, grad)
+
+    def _decay(self, param: Any) -> None:
+        """Weight decay applied to the parameter itself, before the step (AdamW)."""
+
+    def _reads_values(self) -> bool:
+        """Whether ``_direction`` reads the parameter's values (L2 weight decay)."""
+        return bool(self.spec.weight_decay)
+
+    def _direction(self, state: dict[str, Any], param: Any, grad: Any) -> Any:
+        """What to subtract from the parameter (a work array), updating ``state``."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -55,6 +123,58 @@ class Optimizer:
                     slots[slot] = array_module(param).asarray(value, dtype=param.dtype).copy()
 
 
+_GROUP_MAX_SIZE = 1 << 16
+
+
+class _Group:
+    """Small parameters updated as one flat array: their gradients (and, where the
+    update reads them, values) are gathered into ``grad_values`` (``values``), and
+    their state lives in ``state``, of which each parameter's slots are views."""
+
+    def __init__(self, members: list[Triple]) -> None:
+        self.names = [name for name, _, _ in members]
+        self.params = [param for _, param, _ in members]
+        self.grads = [grad for _, _, grad in members]
+        self.parts: list[slice] = []
+        start = 0
+        for param in self.params:
+            self.parts.append(slice(start, start + param.size))
+            start += param.size
+        self.state: dict[str, Any] = {}
+        self.shared: list[tuple[dict[str, Any], str, Any]] = []
+        self._views: dict[int, tuple[Any, list[Any]]] = {}
+        if self.params:
+            xp = array_module(self.params[0])
+            self.values = xp.empty(start, dtype=self.params[0].dtype)
+            self.grad_values = xp.empty_like(self.values)
+
+    def views(self, flat: Any) -> list[Any]:
+        """Each parameter's part of a flat array, shaped like the parameter (kept)."""
+        held = self._views.get(id(flat))
+        if held is None or held[0] is not flat:
+            pairs = zip(self.params, self.parts, strict=True)
+            parts = [flat[part].reshape(param.shape) for param, part in pairs]
+            held = self._views[id(flat)] = (flat, parts)
+        return held[1]
+
+    def share(self, slots: list[dict[str, Any]]) -> None:
+        """Make every parameter's state slots views of the flat state."""
+        self.shared = []
+        for key, flat in self.state.items():
+            for s, view in zip(slots, self.views(flat), strict=True):
+                s[key] = view
+                self.shared.append((s, key, view))
+
+    def in_sync(self, slots: list[dict[str, Any]]) -> bool:
+        """Whether the slots are the views made by the last ``share`` (or all empty)."""
+        if not self.shared:
+            return not self.state and not any(slots)
+        if any(len(s) != len(self.state) for s in slots):
+            return False
+        ids = {id(s) for s in slots}
+        return all(id(s) in ids and s.get(key) is view for s, key, view in self.shared)
+
+
 class SGD(Optimizer):
     """g += wd * p;  buf = mu * buf + (1 - dampening) * g  (buf = g at first);
     g = g + mu * buf (nesterov) or buf;  p -= lr * g.
@@ -65,13 +185,13 @@ class SGD(Optimizer):
 
     spec: SgdSpec
 
-    def _update(self, state: dict[str, Any], param: Any, grad: Any) -> None:
+    def _direction(self, state: dict[str, Any], param: Any, grad: Any) -> Any:
         spec = self.spec
-        xp = array_module(param)
-        tmp = _work_array(self, param)
+        xp = array_module(grad)
+        tmp = _work_array(self, grad)
         g = grad
         if spec.weight_decay:
-            decayed = _work_array(self, param, "decayed")
+            decayed = _work_array(self, grad, "decayed")
             xp.multiply(param, spec.weight_decay, out=decayed)
             decayed += grad
             g = decayed
@@ -92,8 +212,7 @@ class SGD(Optimizer):
                 g = tmp
             else:
                 g = buf
-        xp.multiply(g, self.lr, out=tmp)
-        param -= tmp
+        return xp.multiply(g, self.lr, out=tmp)
 
 
 class Adam(Optimizer):
@@ -107,22 +226,26 @@ class Adam(Optimizer):
     spec: AdamSpec | AdamWSpec
     decoupled = False
 
-    def _update(self, state: dict[str, Any], param: Any, grad: Any) -> None:
+    def _decay(self, param: Any) -> None:
+        if self.decoupled and self.spec.weight_decay:
+            param *= 1.0 - self.lr * self.spec.weight_decay
+
+    def _reads_values(self) -> bool:
+        return bool(self.spec.weight_decay) and not self.decoupled
+
+    def _direction(self, state: dict[str, Any], param: Any, grad: Any) -> Any:
         spec = self.spec
         beta1, beta2 = spec.betas
-        xp = array_module(param)
-        tmp = _work_array(self, param)
-        if spec.weight_decay:
-            if self.decoupled:
-                param *= 1.0 - self.lr * spec.weight_decay
-            else:
-                decayed = _work_array(self, param, "decayed")
-                xp.multiply(param, spec.weight_decay, out=decayed)
-                decayed += grad
-                grad = decayed
+        xp = array_module(grad)
+        tmp = _work_array(self, grad)
+        if spec.weight_decay and not self.decoupled:
+            decayed = _work_array(self, grad, "decayed")
+            xp.multiply(param, spec.weight_decay, out=decayed)
+            decayed += grad
+            grad = decayed
         if "exp_avg" not in state:
-            state["exp_avg"] = xp.zeros_like(param)
-            state["exp_avg_sq"] = xp.zeros_like(param)
+            state["exp_avg"] = xp.zeros_like(grad)
+            state["exp_avg_sq"] = xp.zeros_like(grad)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m *= beta1
         xp.multiply(grad, 1.0 - beta1, out=tmp)
@@ -138,20 +261,20 @@ class Adam(Optimizer):
         denom += spec.eps
         update = xp.divide(m, denom, out=tmp)
         update *= step_size
-        param -= update
+        return update
 
 
 class AdamW(Adam):
     decoupled = True
 
 
-def _work_array(optimizer: Optimizer, param: Any, name: str = "tmp") -> Any:
-    """A scratch array shaped like ``param`` (not optimizer state: never saved)."""
+def _work_array(optimizer: Optimizer, like: Any, name: str = "tmp") -> Any:
+    """A scratch array shaped like ``like`` (not optimizer state: never saved)."""
     work = optimizer.__dict__.setdefault("_work", {})
-    key = (name, param.shape, param.dtype.str)
+    key = (name, like.shape, like.dtype.str)
     array = work.get(key)
     if array is None:
-        array = work[key] = array_module(param).empty_like(param)
+        array = work[key] = array_module(like).empty_like(like)
     return array
 
 

@@ -1,13 +1,34 @@
 """Convolution and pooling on channels-last batches.
 
-Inside the engine an image batch is ``(N, H, W, C)``. A convolution gathers
-its input windows once into ``cols: (N*OH*OW, KH*KW*C)`` (im2col through a
-strided view and one copy into a reused buffer) and is then one matrix
-product whose result is already channels-last: no transposes of activations.
+Inside the engine an image batch is ``(N, H, W, C)``.
+
+A convolution is one matrix product per pass, laid out so that neither its
+input nor its output is ever transposed. Plain im2col gathers, for every output
+pixel, its ``KH x KW x C`` window: when ``C`` is small (the first layers of a
+CNN) that copies short runs of memory and makes the gathered matrix ``KH*KW``
+times larger than the image. Here each GEMM row covers a *strip* of ``t``
+neighbouring output pixels of one output row: it gathers the ``KH`` input row
+segments under the strip, each ``(t - 1) * stride + KW`` pixels wide, and so
+contiguous (``C`` channels per pixel). The weights become a banded matrix
+``(KH * width * C, t * F)`` (zeros off the band), and the product is already
+the channels-last output ``(N, OH, OW, F)``. ``t = 1`` is im2col; a wider strip
+gathers less and copies longer runs, at the price of multiplying by the band's
+zeros. :func:`_strip_widths` picks ``t`` per layer from a small cost model (a
+deterministic choice, so results never depend on timing). The bias is one more
+row of the band, against a column of ones in the strips.
+
+Backward: ``[dW; db]`` is ``strips.T @ dy``, read along the band. ``dx`` is
+``dy @ band.T`` (with strips of their own width, cheaper to add back) added back
+where each strip was read: per group of strips that do not overlap and per
+kernel row, one block copy into a zeroed plane and one add of whole image rows.
+
+Work arrays are kept per batch shape and reused across steps (:class:`Workspace`),
+and short runs are copied as blocks (:func:`_runs`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -26,37 +47,139 @@ def _need_image(layer: str, input_shape: Shape, field: str) -> None:
         )
 
 
-class _BufferCache:
-    """Work arrays reused across steps of the same batch size."""
+def _as_strided(xp: Any, x: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    return xp.lib.stride_tricks.as_strided(x, shape=shape, strides=strides)
+
+
+def _runs(
+    xp: Any, array: Any, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], run: int
+) -> Any:
+    """Blocks of ``run`` consecutive elements of the C-contiguous ``array``: block ``idx``
+    starts at element ``offset + sum(idx * strides)``.
+
+    With NumPy a block is one element of a void dtype, so that copying blocks moves
+    ``run * itemsize`` bytes at a time instead of looping over short runs of numbers
+    (about twice as fast for the runs here); otherwise a strided view whose last axis
+    is the run.
+    """
+    item = array.itemsize
+    byte_strides = tuple(st * item for st in strides)
+    if xp is np:
+        block = np.dtype((np.void, run * item))
+        return np.ndarray(shape, block, buffer=array, offset=offset * item, strides=byte_strides)
+    return _as_strided(xp, array.reshape(-1)[offset:], (*shape, run), (*byte_strides, item))
+
+
+def _references(items: list[Any]) -> list[int]:
+    """Reference counts of ``items``, as seen from here."""
+    return [sys.getrefcount(item) for item in items]
+
+
+#: The count of an object that only a list refers to (measured, as interpreters differ).
+_UNSHARED = _references([object()])[0]
+
+
+class Workspace:
+    """Arrays a layer reuses from step to step, per shape and dtype.
+
+    ``scratch`` arrays never leave the layer. ``output`` arrays are handed out (a
+    layer's ``y`` or ``dx``) and are only reused once nothing outside the workspace
+    refers to them any more (CPython reference counts; views count, as they hold
+    their base), so a caller that keeps an output never sees it change. In a
+    training loop the previous step's arrays are free again, and big arrays stop
+    being allocated (for NumPy that means fresh pages from the OS, zeroed on
+    first touch, every step). A layer drops its own reference to its last output
+    before asking for the next one. With CuPy, whose memory pool already recycles
+    device memory, outputs are simply allocated.
+    """
 
     def __init__(self) -> None:
-        self._arrays: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self._arrays: dict[tuple[Any, ...], Any] = {}
+        self._batch: int | None = None
 
-    def get(self, xp: Any, name: str, shape: tuple[int, ...], dtype: Any, zero: bool = False):
-        key = (name, shape)
+    def batch(self, n: int) -> None:
+        """Start work on a batch of ``n`` samples: arrays kept for another batch size
+        (an evaluation pass, the last short batch of an epoch) are let go, so that
+        memory holds one set of arrays, not one per batch size ever seen."""
+        if n != self._batch:
+            self._arrays.clear()
+            self._batch = n
+
+    def scratch(self, xp: Any, name: str, shape: tuple[int, ...], dtype: Any, zero: bool = False):
+        key = (name, shape, np.dtype(dtype).str)
         array = self._arrays.get(key)
         if array is None:
             array = xp.zeros(shape, dtype=dtype) if zero else xp.empty(shape, dtype=dtype)
             self._arrays[key] = array
         return array
 
+    def output(self, xp: Any, name: str, shape: tuple[int, ...], dtype: Any):
+        if xp is not np:
+            return xp.empty(shape, dtype=dtype)
+        key = ("output", name, shape, np.dtype(dtype).str)
+        ring = self._arrays.get(key)
+        if ring is None:
+            ring = self._arrays[key] = []
+        for array, refs in zip(ring, _references(ring), strict=True):
+            if refs <= _UNSHARED:
+                return array
+        array = np.empty(shape, dtype=dtype)
+        if len(ring) < 2:
+            ring.append(array)
+        return array
 
-def _windows(xp: Any, x: Any, out_h: int, out_w: int, kernel: int, stride: int):
-    """Strided view ``(N, OH, OW, KH, KW, C)`` of the windows of ``x: (N, H, W, C)``."""
-    n, _, _, c = x.shape
-    s0, s1, s2, s3 = x.strides
-    return xp.lib.stride_tricks.as_strided(
-        x,
-        shape=(n, out_h, out_w, kernel, kernel, c),
-        strides=(s0, s1 * stride, s2 * stride, s1, s2, s3),
-    )
+    def memo(self, key: tuple[Any, ...], make: Any) -> Any:
+        """A value derived from workspace arrays (a strided view), made once."""
+        value = self._arrays.get(key)
+        if value is None:
+            value = self._arrays[key] = make()
+        return value
+
+
+# --- convolution ------------------------------------------------------------------------
+
+# Cost model of a convolution's passes, per sample, in seconds (fitted on a 2-core
+# AMD EPYC with OpenBLAS, LeNet's layers): GEMM flops; elements and runs copied by the
+# gathers and scatters; elements added by the strided adds of the input gradient.
+_FLOP_S = 4e-12
+_COPY_S = 0.1e-9
+_RUN_S = 2e-9
+_ADD_S = 0.2e-9
+
+
+def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int, int]:
+    """(GEMM rows per sample, band rows, strips that overlap) for strips of ``t`` pixels."""
+    width = (t - 1) * s + k
+    return oh * (ow // t), k * width * c, -(-width // (t * s))
+
+
+def _strip_widths(c: int, f: int, k: int, s: int, w_pad: int, oh: int, ow: int) -> tuple[int, int]:
+    """Strip widths (divisors of ``ow``) with the least modelled cost: one for the forward
+    product and dW (a gather, two GEMMs), one for dx (a GEMM, a scatter and the adds)."""
+    best = {"forward": (float("inf"), 1), "dx": (float("inf"), 1)}
+    for t in range(1, ow + 1):
+        if ow % t:
+            continue
+        rows, cols, groups = _strips(c, k, s, oh, ow, t)
+        gemm = 2.0 * rows * cols * t * f * _FLOP_S
+        if t * f < 32:  # a GEMM this narrow runs at about half speed
+            gemm *= 2
+        copy = rows * cols * _COPY_S + rows * k * _RUN_S
+        adds = k * groups * oh * w_pad * c * _ADD_S
+        for name, cost in (("forward", 2 * gemm + copy), ("dx", gemm + copy + adds)):
+            if cost < best[name][0] * 0.999:
+                best[name] = (cost, t)
+    return best["forward"][1], best["dx"][1]
 
 
 class Conv2d(Layer):
     """2-D convolution (cross-correlation, as in PyTorch).
 
     x: (N, H, W, C) -> y: (N, OH, OW, F); W: (F, C, KH, KW) as in PyTorch, b: (F,).
-    y = im2col(x) @ W_mat + b, W_mat = W as (KH*KW*C, F).
+    y[n, oh, ow] = sum over the window of x_pad * W + b, computed as
+    ``[strips, 1] @ [band; b]`` (see the module docstring): the bias is one more
+    column of ones in the strips and one more row of the band, so the product
+    adds it, and ``strips.T @ dy`` sums ``db`` with ``dW``.
     """
 
     type = "conv2d"
@@ -64,7 +187,11 @@ class Conv2d(Layer):
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
-        self._buffers = _BufferCache()
+        self._buffers = Workspace()
+        #: Output pixels per GEMM row of the forward product and dW, and of dx: divisors
+        #: of the output width, chosen by ``infer``; tests and benchmarks may set others.
+        self.strip = 1
+        self.strip_dx = 1
 
     def _infer(self, input_shape: Shape) -> Shape:
         _need_image("conv2d", input_shape, "kernel_size")
@@ -77,8 +204,10 @@ class Conv2d(Layer):
             )
         if p >= k:
             raise ShapeError(f"padding {p} must be smaller than kernel_size {k}", "padding")
-        self._geometry = (c, h, w, _out_size(h + 2 * p, k, s), _out_size(w + 2 * p, k, s))
-        return (self.spec.filters, self._geometry[3], self._geometry[4])
+        oh, ow = _out_size(h + 2 * p, k, s), _out_size(w + 2 * p, k, s)
+        self._geometry = (c, h, w, oh, ow)
+        self.strip, self.strip_dx = _strip_widths(c, self.spec.filters, k, s, w + 2 * p, oh, ow)
+        return (self.spec.filters, oh, ow)
 
     def param_shapes(self) -> dict[str, Shape]:
         k = self.spec.kernel_size
@@ -92,50 +221,192 @@ class Conv2d(Layer):
     def _initial_value(self, name: str, shape: Shape, rng: np.random.Generator, *, he: bool):
         return init_weight(shape, rng, he=he) if name == "W" else np.zeros(shape)
 
-    def _im2col(self, x: Any) -> Any:
+    # --- layout ---------------------------------------------------------------------------
+
+    def _tiling(self, t: int) -> tuple[int, int, int]:
+        """(strips per output row, input pixels under a strip, band rows without bias)."""
+        c, _, _, _, ow = self._geometry
+        if t < 1 or ow % t:
+            raise ValueError(f"strip width {t} must divide the output width {ow}")
+        width = (t - 1) * self.spec.stride + self.spec.kernel_size
+        return ow // t, width, self.spec.kernel_size * width * c
+
+    def _band_view(self, matrix: Any, t: int) -> Any:
+        """The band entries of a ``(KH * width * C [+ 1], t * F)`` matrix, as ``(KH, KW, C, t, F)``.
+
+        Entry ``[i, j, c, u, f]`` is row ``(i, u * stride + j, c)``, column ``(u, f)``:
+        the weight ``W[f, c, i, j]`` as seen by output pixel ``u`` of the strip.
+        """
+        c = self._geometry[0]
+        k, s, f = self.spec.kernel_size, self.spec.stride, self.spec.filters
+        _, width, _ = self._tiling(t)
+        cols = t * f
+        item = matrix.itemsize
+        strides = (width * c * cols, c * cols, cols, s * c * cols + f, 1)
+        return _as_strided(self.xp, matrix, (k, k, c, t, f), tuple(item * st for st in strides))
+
+    def _band(self, t: int, dtype: Any, bias: bool) -> Any:
+        """The weights as the banded matrix ``(KH * width * C, t * F)``, with the bias as one
+        more row if asked."""
+        xp = self.xp
+        f = self.spec.filters
+        _, _, rows = self._tiling(t)
+        name = f"band{t}" + ("b" if bias else "")
+        band = self._buffers.scratch(xp, name, (rows + bias, t * f), dtype, zero=True)
+        view = self._buffers.memo((name, band.dtype.str), lambda: self._band_view(band, t))
+        # W (F, C, KH, KW) -> (KH, KW, C, 1, F), repeated along the strip.
+        view[...] = self.params["W"].transpose(2, 3, 1, 0)[:, :, :, None, :]
+        if bias:
+            band[rows].reshape(t, f)[...] = self.params["b"]
+        return band
+
+    def _strips_buffer(self, n: int, dtype: Any) -> tuple[Any, Any]:
+        """The GEMM's left matrix ``(N * OH * strips, KH * width * C + 1)``, last column ones,
+        and its gathered part as blocks ``(N, OH, strips, KH)`` of ``width * C``."""
+        xp = self.xp
+        c, _, _, oh, _ = self._geometry
+        t = self.strip
+        tiles, width, rows = self._tiling(t)
+        shape = (n * oh * tiles, rows + 1)
+        key = ("strips", shape, np.dtype(dtype).str)
+
+        def make() -> tuple[Any, Any]:
+            strips = self._buffers.scratch(xp, "strips", shape, dtype)
+            strips[:, rows] = 1
+            cols = rows + 1
+            strides = (oh * tiles * cols, tiles * cols, cols, width * c)
+            blocks = (n, oh, tiles, self.spec.kernel_size)
+            return strips, _runs(xp, strips, 0, blocks, strides, width * c)
+
+        return self._buffers.memo(key, make)
+
+    def _strips_of(self, source: Any) -> Any:
+        """The input blocks under each strip, ``(N, OH, strips, KH)`` of ``width * C``,
+        from the (padded) input."""
+        xp = self.xp
+        if not source.flags.c_contiguous:
+            source = xp.ascontiguousarray(source)
+        n, hp, wp, c = source.shape
+        oh = self._geometry[3]
+        k, s, t = self.spec.kernel_size, self.spec.stride, self.strip
+        tiles, width, _ = self._tiling(t)
+        strides = (hp * wp * c, s * wp * c, t * s * c, wp * c)
+        return _runs(xp, source, 0, (n, oh, tiles, k), strides, width * c)
+
+    # --- passes ---------------------------------------------------------------------------
+
+    def forward(self, x: Any, training: bool) -> Any:
         xp = self.xp
         n = x.shape[0]
         c, h, w, oh, ow = self._geometry
-        k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
+        p, f, t = self.spec.padding, self.spec.filters, self.strip
+        tiles, _, _ = self._tiling(t)
+        self._buffers.batch(n)
+        strips, gathered = self._strips_buffer(n, x.dtype)
         if p:
-            padded = self._buffers.get(xp, "padded", (n, h + 2 * p, w + 2 * p, c), x.dtype, True)
-            padded[:, p : p + h, p : p + w, :] = x
-            x = padded
-        cols = self._buffers.get(xp, "cols", (n, oh, ow, k, k, c), x.dtype)
-        cols[...] = _windows(xp, x, oh, ow, k, s)
-        return cols.reshape(n * oh * ow, k * k * c)
-
-    def forward(self, x: Any, training: bool) -> Any:
-        n = x.shape[0]
-        _, _, _, oh, ow = self._geometry
-        k, f = self.spec.kernel_size, self.spec.filters
-        self._cols = self._im2col(x)
-        self._w_mat = self.params["W"].transpose(2, 3, 1, 0).reshape(-1, f)
-        y = self._cols @ self._w_mat
-        y += self.params["b"]
-        self._batch = n
-        del k
-        return y.reshape(n, oh, ow, f)
+            hp, wp = h + 2 * p, w + 2 * p
+            padded = self._buffers.scratch(xp, "padded", (n, hp, wp, c), x.dtype, zero=True)
+            padded[:, p : p + h, p : p + w, :] = x  # the border stays zero
+            # the padded buffer is ours, so its blocks can be kept
+            key = ("padded_blocks", padded.shape, t, padded.dtype.str)
+            gathered[...] = self._buffers.memo(key, lambda: self._strips_of(padded))
+        else:
+            gathered[...] = self._strips_of(x)
+        band = self._band(t, x.dtype, bias=True)
+        y = self._buffers.output(xp, "y", (n, oh, ow, f), x.dtype)
+        xp.matmul(strips, band, out=y.reshape(n * oh * tiles, t * f))  # channels-last
+        self._strips, self._band_t = strips, t
+        return y
 
     def backward(self, dy: Any) -> Any:
-        c, h, w, oh, ow = self._geometry
-        k, p, s, f = self.spec.kernel_size, self.spec.padding, self.spec.stride, self.spec.filters
+        xp = self.xp
+        c, h, w, oh, _ = self._geometry
+        p, s, f = self.spec.padding, self.spec.stride, self.spec.filters
+        t = self._band_t
+        tiles, _, rows = self._tiling(t)
         n = dy.shape[0]
-        dy2 = dy.reshape(-1, f)
-        # dW_mat = cols.T @ dy, then back to PyTorch's (F, C, KH, KW)
-        dw_mat = self._cols.T @ dy2
-        self._accumulate("W", dw_mat.reshape(k, k, c, f).transpose(3, 2, 0, 1))
-        self._accumulate("b", dy2.sum(axis=0))
+        self._buffers.batch(n)
+        # [dW; db]: strips.T @ dy holds every (window offset, channel, filter) on the band,
+        # and the column sums of dy in its last row.
+        grad_band = self._buffers.scratch(xp, f"grad_band{t}", (rows + 1, t * f), dy.dtype)
+        xp.matmul(self._strips.T, dy.reshape(n * oh * tiles, t * f), out=grad_band)
+        grad_view = self._buffers.memo(
+            ("grad_band_view", t, grad_band.dtype.str), lambda: self._band_view(grad_band, t)
+        )
+        dw = grad_view.sum(axis=3)  # (KH, KW, C, F)
+        self._accumulate("W", dw.transpose(3, 2, 0, 1))
+        self._accumulate("b", grad_band[rows].reshape(t, f).sum(axis=0))
         self._grads_done()
         if not self.needs_input_grad:
             return None
-        # dcols = dy @ W_mat.T, then col2im: each window offset adds back where it read.
-        dcols = (dy2 @ self._w_mat.T).reshape(n, oh, ow, k, k, c)
-        dx = self.xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dy.dtype)
-        for i in range(k):
-            for j in range(k):
-                dx[:, i : i + s * oh : s, j : j + s * ow : s, :] += dcols[:, :, :, i, j, :]
-        return dx[:, p : p + h, p : p + w, :] if p else dx
+        # dx: each strip's gradient (dy @ band.T, strips of their own width), added back
+        # where the strip was read. Strips of one group do not overlap: for each group and
+        # kernel row, one copy places the pieces in a zeroed plane (the same places every
+        # time, so the rest stays zero), and one add shifts the plane down by the kernel
+        # row, whole image rows at a time.
+        t = self.strip_dx
+        tiles, _, rows = self._tiling(t)
+        dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dy.dtype)
+        band = self._band(t, dy.dtype, bias=False)
+        xp.matmul(dy.reshape(n * oh * tiles, t * f), band.T, out=dstrips)
+        hp, wp = h + 2 * p, w + 2 * p
+        if p:
+            dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
+        else:
+            dx = self._buffers.output(xp, "dx", (n, hp, wp, c), dy.dtype)
+        first = True
+        for plane, pieces in self._planes(n, t, dy.dtype):
+            for i, (target, source) in enumerate(pieces):
+                target[...] = source
+                if first and s == 1:  # the first piece starts the sum
+                    dx[:, :oh] = plane
+                    dx[:, oh:] = 0
+                elif first:
+                    dx[...] = 0
+                    dx[:, i : i + s * oh : s] += plane
+                else:
+                    dx[:, i : i + s * oh : s] += plane
+                first = False
+        if not p:
+            return dx
+        out = self._buffers.output(xp, "dx", (n, h, w, c), dy.dtype)
+        out[...] = dx[:, p : p + h, p : p + w, :]
+        return out
+
+    def _planes(self, n: int, t: int, dtype: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+        """Per group of non-overlapping strips: a zeroed plane (N, OH, W_pad, C), and per
+        kernel row the (blocks of the plane, blocks of the strip gradients) to copy."""
+        xp = self.xp
+        c, _, w, oh, _ = self._geometry
+        k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
+        tiles, width, rows = self._tiling(t)
+        groups = -(-width // (t * s))
+        wp = w + 2 * p
+        run = width * c
+        key = ("planes", n, t, np.dtype(dtype).str)
+
+        def make() -> list[tuple[Any, list[tuple[Any, Any]]]]:
+            dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dtype)
+            out = []
+            for g in range(min(groups, tiles)):
+                plane = self._buffers.scratch(xp, f"plane{t}_{g}", (n, oh, wp, c), dtype, True)
+                count = len(range(g, tiles, groups))
+                shape = (n, oh, count)
+                target = _runs(
+                    xp, plane, g * t * s * c, shape, (oh * wp * c, wp * c, groups * t * s * c), run
+                )
+                strides = (oh * tiles * rows, tiles * rows, groups * rows)
+                pieces = [
+                    (target, _runs(xp, dstrips, g * rows + i * run, shape, strides, run))
+                    for i in range(k)
+                ]
+                out.append((plane, pieces))
+            return out
+
+        return self._buffers.memo(key, make)
+
+
+# --- pooling ------------------------------------------------------------------------------
 
 
 class _Pool2d(Layer):
@@ -166,29 +437,144 @@ class _Pool2d(Layer):
 class MaxPool2d(_Pool2d):
     """Max over each window; the gradient goes to the first maximum, as in PyTorch.
 
-    x: (N, H, W, C) -> y: (N, OH, OW, C).
+    x: (N, H, W, C) -> y: (N, OH, OW, C). "First" is in row-major order of the window.
+
+    The common 2x2, stride 2 case works on whole image rows: with ``top`` and
+    ``bottom`` the two input rows under a row of windows, each ``(W * C)`` long, a
+    window's left and right columns are ``C`` apart, so ``max(row[:-C], row[C:])``
+    holds every window's row maximum at the window's left positions (and junk,
+    never read, in between). Everything is contiguous but the final gather of the
+    output and the spreading of ``dy`` over the windows.
     """
 
     type = "maxpool2d"
 
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._buffers = Workspace()
+
+    def _fast(self) -> bool:
+        _, _, _, _, _, k, s = self._geometry
+        return k == 2 and s == 2
+
     def forward(self, x: Any, training: bool) -> Any:
+        if self._fast():
+            return self._forward_2x2(x)
         xp = self.xp
+        # Running maximum over the window offsets; a later offset wins only if strictly
+        # greater, so ``index`` is the first maximum in row-major order.
         views = self._offsets(x)
         y = xp.array(next(views))
-        for view in views:
+        kind = xp.uint8 if self._geometry[5] ** 2 <= 256 else xp.uint16
+        index = xp.zeros(y.shape, dtype=kind)
+        greater = xp.empty(y.shape, dtype=bool)
+        for offset, view in enumerate(views, start=1):
+            xp.greater(view, y, out=greater)
             xp.maximum(y, view, out=y)
-        self._x, self._y = x, y
+            index += greater * kind(offset) - greater * index
+        self._index, self._x_shape = index, x.shape
         return y
 
     def backward(self, dy: Any) -> Any:
+        if self._fast():
+            return self._backward_2x2(dy)
         xp = self.xp
-        dx = xp.zeros_like(self._x)
-        taken = xp.zeros(dy.shape, dtype=bool)
-        for view, dview in zip(self._offsets(self._x), self._offsets(dx), strict=True):
-            hit = view == self._y
-            hit &= ~taken
-            taken |= hit
-            dview += xp.where(hit, dy, 0)
+        dx = xp.zeros(self._x_shape, dtype=dy.dtype)
+        for offset, dview in enumerate(self._offsets(dx)):
+            dview += dy * (self._index == offset)
+        return dx
+
+    # --- 2x2, stride 2 ------------------------------------------------------------------
+
+    def _rows(self, x: Any) -> Any:
+        """x as (N * OH, 2, 2 * OW * C): the two input rows under each row of windows."""
+        c, h, w, oh, ow, _, _ = self._geometry
+        n = x.shape[0]
+        if h != 2 * oh or w != 2 * ow:
+            x = x[:, : 2 * oh, : 2 * ow, :]
+        return self.xp.ascontiguousarray(x).reshape(n * oh, 2, 2 * ow * c)
+
+    def _forward_2x2(self, x: Any) -> Any:
+        """Every step is one contiguous pass over the flattened rows.
+
+        In the flat array a window's four elements sit at ``p`` (top left),
+        ``p + C`` (top right), ``p + L`` and ``p + L + C`` (bottom), with ``L``
+        the length of an image row; ``max(flat[:-C], flat[C:])`` holds the row
+        maximum of every window at its left positions, and so on. Results at the
+        other positions are junk that no one reads; the ``valid`` pattern (the top
+        left elements) clears it before masks are shifted into place. The mask of
+        each window's first maximum (an exact copy of PyTorch's choice on ties) is
+        kept for backward.
+        """
+        xp = self.xp
+        c, _, _, oh, ow, _, _ = self._geometry
+        n = x.shape[0]
+        self._buffers.batch(n)
+        rows = self._rows(x)
+        r, length = rows.shape[0], rows.shape[2]
+        flat = rows.reshape(-1)
+        size = flat.size
+        n1, n2 = size - c, size - c - length
+        get = self._buffers.scratch
+        row_max = get(xp, "row_max", (n1,), x.dtype)
+        xp.maximum(flat[:-c], flat[c:], out=row_max)
+        left = get(xp, "left", (n1,), bool)  # the left element wins its row (ties: left)
+        xp.greater_equal(flat[:-c], flat[c:], out=left)
+        peak = get(xp, "peak", (n2,), x.dtype)
+        xp.maximum(row_max[:-length], row_max[length:], out=peak)
+        top = get(xp, "top", (n2,), bool)  # the top row holds the first maximum (ties: top)
+        xp.greater_equal(row_max[:-length], row_max[length:], out=top)
+        valid = self._buffers.memo(("valid", r, length, c), lambda: self._valid(r, length, c))
+        # The row of each window that holds its first maximum, marked at that row's left
+        # position (and nowhere else): the top row where ``top``, else the bottom row.
+        row = get(xp, "row", (n1,), bool)
+        xp.logical_and(top, valid, out=row[:n2])
+        row[n2:] = False
+        xp.logical_xor(row[:n2], valid, out=top)  # now: the bottom row, at the top position
+        xp.logical_or(row[length:], top, out=row[length:])
+        # The chosen element: the marked row's left element if it wins its row, else the
+        # right one (C further).
+        mask = get(xp, "mask", (size,), bool)
+        xp.logical_and(row, left, out=mask[:n1])
+        mask[n1:] = False
+        xp.logical_xor(row, mask[:n1], out=row)
+        xp.logical_or(mask[c:], row, out=mask[c:])
+        y = self._buffers.output(xp, "y", (n, oh, ow, c), x.dtype)
+        item = peak.itemsize
+        if xp is np:  # copy each window's C channels as one element: half the time
+            pixel = np.dtype((np.void, c * item))
+            source = _as_strided(xp, peak.view(pixel), (r, ow), (2 * length * item, 2 * c * item))
+            y.reshape(r * ow, c).view(pixel).reshape(r, ow)[...] = source
+        else:
+            y.reshape(r, ow, c)[...] = _as_strided(
+                xp, peak, (r, ow, c), (2 * length * item, 2 * c * item, item)
+            )
+        self._mask, self._x_shape = mask, x.shape
+        return y
+
+    def _valid(self, r: int, length: int, c: int) -> Any:
+        """True at the top left element of every window, over ``r * 2 * length - c - length``."""
+        pattern = np.zeros((r, 2, length // c, c), dtype=bool)
+        pattern[:, 0, ::2, :] = True
+        return self.xp.asarray(pattern.reshape(-1)[: r * 2 * length - c - length])
+
+    def _backward_2x2(self, dy: Any) -> Any:
+        xp = self.xp
+        c, h, w, oh, ow, _, _ = self._geometry
+        n = dy.shape[0]
+        self._buffers.batch(n)
+        r = n * oh
+        length = 2 * ow * c
+        # dy of each window at both elements of its rows, then times the mask (broadcast
+        # over the two rows)
+        along = xp.repeat(dy.reshape(r * ow, c), 2, axis=0).reshape(r, 1, length)
+        dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
+        mask = self._mask.reshape(r, 2, length)
+        if h == 2 * oh and w == 2 * ow:
+            xp.multiply(along, mask, out=dx.reshape(r, 2, length))
+            return dx
+        dx[...] = 0
+        dx[:, : 2 * oh, : 2 * ow, :] = (along * mask).reshape(n, 2 * oh, 2 * ow, c)
         return dx
 
 

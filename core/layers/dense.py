@@ -39,11 +39,14 @@ class Dense(Layer):
     def _initial_value(self, name: str, shape: Shape, rng: np.random.Generator, *, he: bool):
         return init_weight(shape, rng, he=he) if name == "W" else np.zeros(shape)
 
+    # Leading axes are flattened into the rows of one matrix product: on (batch, time,
+    # features) NumPy's matmul would otherwise run one small product per sample.
+
     def forward(self, x: Any, training: bool) -> Any:
         self._x = x
-        y = x @ self.params["W"]
+        y = x.reshape(-1, x.shape[-1]) @ self.params["W"]
         y += self.params["b"]
-        return y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def backward(self, dy: Any) -> Any:
         x = self._x
@@ -54,4 +57,5 @@ class Dense(Layer):
         self._grads_done()
         if not self.needs_input_grad:
             return None
-        return dy @ self.params["W"].T  # dx = dy @ W.T
+        dx = dy2 @ self.params["W"].T  # dx = dy @ W.T
+        return dx.reshape(x.shape)

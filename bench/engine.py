@@ -1,0 +1,474 @@
+"""Training throughput of trainq's NumPy engine against PyTorch eager on the CPU.
+
+Run by hand (not a test)::
+
+    .venv/bin/python bench/engine.py [--threads N] [--rounds R] [--only mlp|cnn]
+
+(``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`` in front lets OpenBLAS pick its
+kernel for this CPU; the header names the kernel that runs.)
+
+Both frameworks run full training steps (forward, loss, backward, optimizer
+step) of the same model on the same random batch, on the same number of
+threads: ``threadpoolctl`` limits NumPy's BLAS and ``torch.set_num_threads``
+PyTorch. trainq runs through its real step, ``core.Trainer.train_step``.
+
+Each round times a block of steps of one framework and then of the other (the
+order alternates), each block after untimed warm-up steps and after a pause
+that waits (``--wait`` seconds at most) for other processes to leave the CPUs
+idle. A block is *disturbed* when other processes (or, on a VM, other
+machines) took more than 5% of the CPUs while it ran, as /proc/stat tells;
+rounds go on until ``--rounds`` rounds ran undisturbed (``--max-rounds`` at
+most). The table gives each framework's best undisturbed block and the ratio
+of the two; the median of the undisturbed rounds' ratios is printed beside it,
+so that neither a lucky nor an unlucky round decides it.
+
+GFLOP/s counts 3 x the forward FLOPs per sample (the forward pass, and the
+backward pass's two products) from ``core.summarize(...).flops``, against a
+float32 matmul peak measured here with NumPy on the same threads (the best of
+several measurements spread over the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+import core  # noqa: E402
+from core.spec import TrainingSpec  # noqa: E402
+
+BATCH = 128
+CLASSES = 10
+#: Pause before each timed block: after a block of one framework its worker threads
+#: keep spinning for a while (OpenBLAS's for about 0.1 s, OpenMP's less), and on a
+#: machine with few cores they would take CPU time from the other framework.
+SETTLE_S = 0.3
+#: Timed blocks run, and those disturbed by other processes.
+BLOCKS = [0, 0]
+
+MLP_SPEC: dict[str, Any] = {
+    "layers": [
+        {"type": "dense", "units": 1024},
+        {"type": "relu"},
+        {"type": "dense", "units": 1024},
+        {"type": "relu"},
+        {"type": "dense", "units": CLASSES},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
+CNN_SPEC: dict[str, Any] = {
+    "layers": [
+        {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": 2},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 2},
+        {"type": "conv2d", "filters": 16, "kernel_size": 5},
+        {"type": "relu"},
+        {"type": "maxpool2d", "pool_size": 2},
+        {"type": "flatten"},
+        {"type": "dense", "units": 120},
+        {"type": "relu"},
+        {"type": "dense", "units": 84},
+        {"type": "relu"},
+        {"type": "dense", "units": CLASSES},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    name: str
+    spec: dict[str, Any]
+    input_shape: tuple[int, ...]
+    optimizer: dict[str, Any]
+    target_ratio: float
+    target_peak: float | None  # fraction of the matmul peak, or None
+    steps: int  # timed steps per block
+
+
+CASES = (
+    Case(
+        "mlp",
+        "MLP 784-1024-1024-10, SGD momentum",
+        MLP_SPEC,
+        (784,),
+        {"type": "sgd", "lr": 0.01, "momentum": 0.9},
+        1.2,
+        0.70,
+        10,
+    ),
+    Case(
+        "cnn",
+        "LeNet-5 CNN 1x28x28, Adam",
+        CNN_SPEC,
+        (1, 28, 28),
+        {"type": "adam", "lr": 1e-3},
+        1.0,
+        None,
+        15,
+    ),
+)
+
+
+# --- the two frameworks ---------------------------------------------------------------
+
+
+def trainq_trainer(case: Case) -> core.Trainer:
+    return core.Trainer(
+        model_spec=case.spec,
+        optimizer_spec=case.optimizer,
+        training=TrainingSpec(batch_size=BATCH, seed=0),
+        input_shape=case.input_shape,
+        num_classes=CLASSES,
+    )
+
+
+def trainq_step(trainer: core.Trainer, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    def step() -> None:
+        trainer.train_step(x, y, steps_per_epoch=1000, total_steps=100_000)
+
+    return step
+
+
+def torch_model(case: Case) -> Any:
+    from torch import nn
+
+    if case.key == "mlp":
+        return nn.Sequential(
+            nn.Linear(784, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, CLASSES),
+        )
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, CLASSES),
+    )
+
+
+def torch_step(case: Case, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_model(case)
+    if case.optimizer["type"] == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=case.optimizer["lr"], momentum=case.optimizer["momentum"]
+        )
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=case.optimizer["lr"])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(tx), ty)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# --- timing ----------------------------------------------------------------------------
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (busy
+    includes time the hypervisor gave to other machines); None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def _own_cpu() -> float:
+    """CPU seconds used by this process, all its threads."""
+    times = os.times()
+    return times.user + times.system
+
+
+def settle(max_wait_s: float) -> bool:
+    """Pause at least ``SETTLE_S``, and until other processes leave the CPUs idle (busy
+    under 10% for ``SETTLE_S``), for at most ``max_wait_s``; whether it got quiet."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = _cpu_times()
+        time.sleep(SETTLE_S)
+        after = _cpu_times()
+        if before is None or after is None:
+            return True
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total <= 0 or busy <= 0.1 * total:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
+def timed(step: Callable[[], None], steps: int, warmup: int, wait_s: float) -> tuple[float, bool]:
+    """Samples per second over ``steps`` steps, after a pause and ``warmup`` untimed steps,
+    and whether the block ran undisturbed: quiet before, and other processes (or other
+    machines on the host) took under 5% of the CPUs meanwhile."""
+    quiet = settle(wait_s)
+    for _ in range(warmup):
+        step()
+    machine, own = _cpu_times(), _own_cpu()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    after = _cpu_times()
+    if machine is not None and after is not None:
+        others = (after[0] - machine[0]) - (_own_cpu() - own)
+        capacity = elapsed * (os.cpu_count() or 1)
+        quiet = quiet and others <= max(0.05 * capacity, 0.02)
+    return steps * BATCH / elapsed, quiet
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """GFLOP/s of an n x n float32 matmul with NumPy (best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def bookkeeping(trainer: core.Trainer, step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Best time (ms) of the Trainer's per-layer gradient norms (done in every
+    ``apply_gradients``), and of a whole step, each over ``steps`` repetitions."""
+    groups = trainer._layer_params
+
+    def norms() -> None:
+        for pairs in groups.values():
+            sum(float((g * g).sum()) for _, g in pairs)
+
+    def best_of(fn: Callable[[], None]) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            best = min(best, (time.perf_counter() - start) / steps)
+        return best * 1e3
+
+    return best_of(norms), best_of(step)
+
+
+@dataclass
+class Result:
+    case: Case
+    trainq: float  # samples/s, best round
+    torch: float
+    ratio: float  # trainq / torch, best undisturbed blocks
+    ratios: list[float]  # per undisturbed round
+    gflops: float
+    peak_share: float
+    norms_ms: float
+    step_ms: float
+    rounds: int
+    clean_rounds: int  # rounds whose two blocks ran undisturbed
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def run_case(
+    case: Case, rounds: int, max_rounds: int, warmup: int, wait_s: float, peaks: list[float]
+) -> Result:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, *case.input_shape), dtype=np.float32)
+    y = rng.integers(0, CLASSES, BATCH).astype(np.int64)
+    trainer = trainq_trainer(case)
+    ours, theirs = trainq_step(trainer, x, y), torch_step(case, x, y)
+    runs: list[tuple[float, bool, float, bool]] = []
+    while sum(qa and qb for _, qa, _, qb in runs) < rounds and len(runs) < max_rounds:
+        if len(runs) % 2 == 0:
+            a, qa = timed(ours, case.steps, warmup, wait_s)
+            b, qb = timed(theirs, case.steps, warmup, wait_s)
+        else:
+            b, qb = timed(theirs, case.steps, warmup, wait_s)
+            a, qa = timed(ours, case.steps, warmup, wait_s)
+        runs.append((a, qa, b, qb))
+        if len(runs) % 3 == 1:  # the peak too is measured in several rounds
+            settle(wait_s)
+            peaks.append(matmul_peak())
+    clean = [(a, b) for a, qa, b, qb in runs if qa and qb]
+    BLOCKS[0] += 2 * len(runs)
+    BLOCKS[1] += sum((not qa) + (not qb) for _, qa, _, qb in runs)
+    # Undisturbed blocks decide; if there were none, every block counts.
+    ours_runs = [a for a, qa, _, _ in runs if qa] or [a for a, _, _, _ in runs]
+    theirs_runs = [b for _, _, b, qb in runs if qb] or [b for _, _, b, _ in runs]
+    best_ours, best_theirs = max(ours_runs), max(theirs_runs)
+    flops = core.summarize(case.spec, case.input_shape, CLASSES).flops
+    gflops = 3 * flops * best_ours / 1e9
+    settle(wait_s)
+    norms_ms, step_ms = bookkeeping(trainer, ours, case.steps)
+    return Result(
+        case=case,
+        trainq=best_ours,
+        torch=best_theirs,
+        ratio=best_ours / best_theirs,
+        ratios=[a / b for a, b in (clean or [(a, b) for a, _, b, _ in runs])],
+        gflops=gflops,
+        peak_share=gflops / max(peaks),
+        norms_ms=norms_ms,
+        step_ms=step_ms,
+        rounds=len(runs),
+        clean_rounds=len(clean),
+    )
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def blas_description() -> str:
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            return (
+                f"{info.get('internal_api')} {info.get('version')}, "
+                f"kernel {info.get('architecture')}, {info.get('num_threads')} threads"
+            )
+    return "unknown BLAS"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(results: list[Result], peak: float, threads: int) -> list[str]:
+    rows = [
+        f"| model ({threads} thread{'s' if threads != 1 else ''}) | trainq samples/s "
+        "| PyTorch samples/s | trainq / PyTorch (median of rounds) | target "
+        "| trainq GFLOP/s | of matmul peak | target |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in results:
+        c = r.case
+        ratio_ok = "pass" if r.ratio >= c.target_ratio else "MISS"
+        if c.target_peak is None:
+            peak_target = "-"
+        else:
+            ok = "pass" if r.peak_share >= c.target_peak else "MISS"
+            peak_target = f">= {c.target_peak:.0%}: {ok}"
+        rows.append(
+            f"| {c.name} | {r.trainq:,.0f} | {r.torch:,.0f} | "
+            f"{r.ratio:.2f}x ({r.median_ratio:.2f}x) | >= {c.target_ratio:.1f}x: {ratio_ok} | "
+            f"{r.gflops:.0f} | {r.peak_share:.0%} | {peak_target} |"
+        )
+    rows.append(f"| float32 matmul peak, NumPy 2048x2048 | | | | | {peak:.0f} | 100% | |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="undisturbed timed rounds wanted per model"
+    )
+    parser.add_argument("--max-rounds", type=int, default=40, help="timed rounds at most")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each block")
+    parser.add_argument("--only", choices=[c.key for c in CASES], help="run one model")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=20.0,
+        help="seconds each block may wait for other processes to leave the CPUs idle",
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.threads):
+        env = {k: os.environ.get(k, "(unset)") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores; threads: {args.threads}")
+        print(f"NumPy {np.__version__} ({blas_description()}); PyTorch {torch.__version__}")
+        print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        print(f"batch {BATCH}; best undisturbed round of each framework")
+        settle(args.wait)
+        peaks = [matmul_peak()]
+        results = []
+        for case in CASES:
+            if args.only and case.key != args.only:
+                continue
+            result = run_case(case, args.rounds, args.max_rounds, args.warmup, args.wait, peaks)
+            results.append(result)
+            rounds = " ".join(f"{q:.2f}" for q in result.ratios)
+            print(
+                f"{case.name}: {result.clean_rounds} of {result.rounds} rounds undisturbed; "
+                f"their ratios {rounds}",
+                flush=True,
+            )
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        if BLOCKS[1]:
+            print(
+                f"{BLOCKS[1]} of {BLOCKS[0]} timed blocks were disturbed by other processes "
+                "and left out (unless no block of a framework was undisturbed)"
+            )
+        peak = max(peaks)
+        for r in results:  # against the best peak seen over the whole run
+            r.peak_share = r.gflops / peak
+        print()
+        print("\n".join(table(results, peak, args.threads)))
+        print()
+        for r in results:
+            print(
+                f"{r.case.name}: the Trainer's per-layer gradient norms take "
+                f"{r.norms_ms:.2f} ms of a {r.step_ms:.2f} ms step ({r.norms_ms / r.step_ms:.1%})"
+            )
+        missed = [
+            r
+            for r in results
+            if r.ratio < r.case.target_ratio
+            or (r.case.target_peak is not None and r.peak_share < r.case.target_peak)
+        ]
+        print("all targets met" if not missed else f"{len(missed)} model(s) missed a target")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
