@@ -9,6 +9,7 @@ import numpy as np
 
 from core.layers.base import Layer
 from core.layers.conv import Workspace
+from core.special import normal_cdf
 
 
 def _rows(x: Any) -> Any:
@@ -113,38 +114,30 @@ class Sigmoid(Layer):
         return dy * self._y * (1 - self._y)
 
 
-# erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below float32's resolution).
-# NumPy has no erf; the backward differentiates this same formula, so the two agree.
-_ERF_P = 0.3275911
-_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-_SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _erf_and_derivative(xp: Any, z: Any) -> tuple[Any, Any]:
-    """erf(z) and its derivative, both from the A&S 7.1.26 formula (odd in z)."""
-    a = xp.abs(z)
-    t = 1.0 / (1.0 + _ERF_P * a)
-    a1, a2, a3, a4, a5 = _ERF_A
-    poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
-    dpoly_dt = a1 + t * (2 * a2 + t * (3 * a3 + t * (4 * a4 + t * 5 * a5)))
-    g = xp.exp(-a * a)
-    erf_abs = 1.0 - poly * g
-    # d/da [1 - P(t) e^{-a^2}] = e^{-a^2} (P'(t) p t^2 + 2 a P(t)); even in z
-    derf = g * (dpoly_dt * _ERF_P * t * t + 2.0 * a * poly)
-    return xp.copysign(erf_abs, z), derf
-
-
 class GELU(Layer):
-    """Exact GELU, y = x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)); dx = dy * (Phi(x) + x * phi(x))."""
+    """Exact GELU, y = x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)); dx = dy * (Phi(x) + x phi(x)).
+
+    Phi comes from :func:`core.special.normal_cdf` (NumPy has no erf): exact to
+    rounding in float64, within float32's resolution otherwise.
+    """
 
     type = "gelu"
 
     def forward(self, x: Any, training: bool) -> Any:
-        erf, derf = _erf_and_derivative(self.xp, x * _SQRT_HALF)
-        cdf = 0.5 * (1.0 + erf)
-        self._dydx = cdf + x * (0.5 * _SQRT_HALF) * derf
-        return x * cdf
+        xp = self.xp
+        cdf = normal_cdf(xp, x)
+        slope = x * x  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi), built in place
+        slope *= -0.5
+        xp.exp(slope, out=slope)
+        slope *= _INV_SQRT_2PI
+        slope *= x
+        slope += cdf
+        self._dydx = slope
+        cdf *= x
+        return cdf
 
     def backward(self, dy: Any) -> Any:
         return dy * self._dydx
