@@ -467,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
             or (r.case.target_peak is not None and r.peak_share < r.case.target_peak)
         ]
         print("all targets met" if not missed else f"{len(missed)} model(s) missed a target")
+    if args.only is None:
+        # The transformer's side-by-side run (tokens/s), in bench/transformer.py.
+        import transformer
+
+        print()
+        transformer.main(["--threads", str(args.threads)])
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import blas_description, cpu_name  # noqa: E402
 
 import core  # noqa: E402
 from core.spec import TrainingSpec  # noqa: E402
@@ -191,26 +193,6 @@ def layer_profile(step: Callable[[], None], steps: int) -> list[tuple[str, float
     ]
     rest = total / steps * 1e3 - sum(f + b for _, f, b in rows)
     return [*rows, ("loss, optimizer, bookkeeping", rest, 0.0)]
-
-
-def blas_description() -> str:
-    for info in threadpool_info():
-        if info.get("user_api") == "blas":
-            return (
-                f"{info.get('internal_api')} {info.get('version')}, "
-                f"kernel {info.get('architecture')}"
-            )
-    return "unknown BLAS"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
