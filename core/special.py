@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 # Rational approximations of erf and erfc from the Cephes Math Library
 # (S. L. Moshier, 1984-1992): relative error about 1e-16 in float64.
 # erf(x) = x T(x^2) / U(x^2) for |x| <= 1;  erfc(x) = e^{-x^2} P(x) / Q(x) for 1 < x < 8,
@@ -132,3 +134,64 @@ def normal_cdf(xp: Any, x: Any) -> Any:
         erfc_abs = _erfc_float32(xp, z)
     half = 0.5 * erfc_abs
     return xp.where(x < 0, half, 1.0 - half)
+
+
+_INV_SQRT_2PI = 0.3989422804014327
+#: Elements per pass of the fused GELU: its scratch stays in the L2 cache, so the
+#: ~30 elementwise passes are not each a trip through memory.
+GELU_CHUNK = 32768
+
+
+def gelu_and_slope(xp: Any, x: Any) -> tuple[Any, Any]:
+    """``(x Phi(x), Phi(x) + x phi(x))``: exact GELU and its derivative, elementwise."""
+    if xp is np and x.dtype == np.float32:
+        return _gelu_and_slope_float32(x)
+    cdf = normal_cdf(xp, x)
+    slope = x * x  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi), built in place
+    slope *= -0.5
+    xp.exp(slope, out=slope)
+    slope *= _INV_SQRT_2PI
+    slope *= x
+    slope += cdf
+    cdf *= x
+    return cdf, slope
+
+
+def _gelu_and_slope_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 form of :func:`normal_cdf` fused with GELU, a cache-sized chunk at a time."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    y = np.empty_like(flat)
+    slope = np.empty_like(flat)
+    size = min(GELU_CHUNK, flat.size)
+    z, t, e = (np.empty(size, np.float32) for _ in range(3))
+    negative = np.empty(size, bool)
+    first, *rest = _ERFCC
+    for start in range(0, flat.size, size):
+        stop = min(start + size, flat.size)
+        n = stop - start
+        xc, yc, sc = flat[start:stop], y[start:stop], slope[start:stop]
+        zc, tc, ec, nc = z[:n], t[:n], e[:n], negative[:n]
+        np.abs(xc, out=zc)
+        zc *= _SQRT_HALF  # z = |x| / sqrt 2
+        np.multiply(zc, 0.5, out=tc)
+        tc += 1.0
+        np.reciprocal(tc, out=tc)  # t = 1 / (1 + z / 2)
+        ec.fill(first)
+        for c in rest:
+            ec *= tc
+            ec += c
+        np.multiply(zc, zc, out=zc)  # z^2 = x^2 / 2
+        ec -= zc
+        np.exp(ec, out=ec)
+        ec *= tc
+        ec *= 0.5  # Phi(-|x|) = erfc(z) / 2
+        np.subtract(1.0, ec, out=yc)
+        np.less(xc, 0, out=nc)
+        np.copyto(yc, ec, where=nc)  # Phi(x)
+        np.negative(zc, out=tc)
+        np.exp(tc, out=tc)
+        tc *= _INV_SQRT_2PI  # phi(x)
+        tc *= xc
+        np.add(tc, yc, out=sc)
+        yc *= xc
+    return y.reshape(x.shape), slope.reshape(x.shape)

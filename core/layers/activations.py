@@ -9,7 +9,7 @@ import numpy as np
 
 from core.layers.base import Layer
 from core.layers.conv import Workspace
-from core.special import normal_cdf
+from core.special import gelu_and_slope
 
 
 def _rows(x: Any) -> Any:
@@ -114,9 +114,6 @@ class Sigmoid(Layer):
         return dy * self._y * (1 - self._y)
 
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
 class GELU(Layer):
     """Exact GELU, y = x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)); dx = dy * (Phi(x) + x phi(x)).
 
@@ -127,17 +124,8 @@ class GELU(Layer):
     type = "gelu"
 
     def forward(self, x: Any, training: bool) -> Any:
-        xp = self.xp
-        cdf = normal_cdf(xp, x)
-        slope = x * x  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi), built in place
-        slope *= -0.5
-        xp.exp(slope, out=slope)
-        slope *= _INV_SQRT_2PI
-        slope *= x
-        slope += cdf
-        self._dydx = slope
-        cdf *= x
-        return cdf
+        y, self._dydx = gelu_and_slope(self.xp, x)
+        return y
 
     def backward(self, dy: Any) -> Any:
         return dy * self._dydx

@@ -455,3 +455,15 @@ def test_layernorm_normalises_each_row(rng: np.random.Generator) -> None:
     y = layer.forward(rng.standard_normal((2, 3, 6)) * 5 - 1, True)
     np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-12)
     np.testing.assert_allclose(y.var(axis=-1), 1, rtol=1e-4)
+
+
+def test_gelu_float32_chunks_cover_every_element(rng: np.random.Generator) -> None:
+    from core.special import GELU_CHUNK, gelu_and_slope
+
+    x = (rng.standard_normal(2 * GELU_CHUNK + 123) * 3).astype(np.float32)
+    y, slope = gelu_and_slope(np, x)
+    exact = x.astype(np.float64)
+    cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in exact])
+    pdf = np.exp(-0.5 * exact * exact) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(y, exact * cdf, rtol=3e-5, atol=1e-7)
+    np.testing.assert_allclose(slope, cdf + exact * pdf, rtol=3e-5, atol=1e-6)
