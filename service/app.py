@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +19,19 @@ from service.errors import ServiceError
 from service.telemetry import make_registry
 
 API_PREFIX = "/api/v1"
+#: The front page until the team dashboard exists: where to go from here.
+HOME_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>trainq</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 3em auto">
+<h1>trainq</h1>
+<p>The REST API is at <a href="/api/v1/jobs"><code>/api/v1</code></a>
+(every route takes <code>Authorization: Bearer &lt;token&gt;</code>);
+its interactive documentation is at <a href="/docs">/docs</a>.</p>
+<p>From a terminal: <code>trainq submit job.json</code>, <code>trainq jobs</code>,
+<code>trainq watch ID</code>, <code>trainq metrics ID</code>.</p>
+<p>Health: <a href="/healthz">/healthz</a>, <a href="/readyz">/readyz</a>.</p>
+</body></html>
+"""
 
 
 class LatencyMiddleware:
@@ -74,6 +87,10 @@ def create_app(context: ServiceContext) -> FastAPI:
     @app.exception_handler(ArtifactNotFound)
     async def artifact_missing(_request: Request, exc: ArtifactNotFound) -> JSONResponse:
         return JSONResponse({"detail": "artifact not found"}, status_code=404)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> HTMLResponse:
+        return HTMLResponse(HOME_PAGE)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -96,7 +96,7 @@ def _up(args: argparse.Namespace) -> int:
     roles.run_dispatchers(context, count=args.dispatchers, runner=roles.job_runner(), stop=stop)
     url = f"http://{args.host}:{args.port}"
     print(f"trainq is up: data under {settings.home.resolve()}")
-    print(f"dashboard: {url}/")
+    print(f"home page: {url}/")
     print(f"API: {url}/api/v1  (OpenAPI docs at {url}/docs)")
     if token is not None:
         print("admin token for team 'default' (shown once; saved for the CLI):")

@@ -250,3 +250,9 @@ def test_prometheus_metrics(api: Api) -> None:
     text = api.client.get("/metrics", headers=api.a).text
     assert 'trainq_jobs{status="queued"} 1.0' in text
     assert "trainq_http_request_duration_seconds_bucket" in text
+
+
+def test_home_page_points_to_the_api(api: Api) -> None:
+    page = api.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/api/v1" in page.text and "/docs" in page.text
