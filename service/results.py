@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Session
 
 from service.models import Checkpoint, Job, Metric
@@ -79,7 +80,7 @@ def _downsampled(
         for order in (inner.c.value.asc(), inner.c.value.desc()):
             rows = session.execute(
                 select(inner.c.step, inner.c.value)
-                .distinct(inner.c.bucket)
+                .ext(distinct_on(inner.c.bucket))
                 .order_by(inner.c.bucket, order, inner.c.step)
             )
             points.update((int(step), float(value)) for step, value in rows)
