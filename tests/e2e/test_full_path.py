@@ -9,6 +9,7 @@ import numpy as np
 
 from core import load_dataset
 from tests.e2e.conftest import Service
+from tests.service.factories import sentiment_classifier
 
 JOB_TIMEOUT_S = 300.0
 
@@ -95,21 +96,7 @@ def test_digits_cnn_on_two_ray_workers_over_http(service: Service, dispatchers) 
 
 def test_text_classifier_on_ray_workers_answers_texts(service: Service, dispatchers) -> None:  # noqa: ANN001
     dispatchers(1)
-    spec = {
-        "name": "moods",
-        "dataset": {"name": "tiny_sentiment"},
-        "model": {
-            "layers": [
-                {"type": "embedding", "vocab_size": 2000, "dim": 16},
-                {"type": "mean_pool"},
-                {"type": "dense", "units": 2},
-            ],
-            "loss": "softmax_cross_entropy",
-        },
-        "optimizer": {"type": "adam", "lr": 0.01},
-        "training": {"epochs": 4, "batch_size": 32},
-        "resources": {"workers": 2},
-    }
+    spec = sentiment_classifier(epochs=4, workers=2)
     job_id = service.http.post("/api/v1/jobs", json=spec).json()["id"]
     job = wait_for(service, job_id, ("succeeded", "failed", "cancelled"))
     assert job["status"] == "succeeded", job["error"]

@@ -40,3 +40,22 @@ def add_jobs(
         session.add_all(jobs)
         session.commit()
         return [job.id for job in jobs]
+
+
+def sentiment_classifier(*, epochs: int, workers: int = 1) -> dict:
+    """A word-level classifier of the shipped ``tiny_sentiment`` reviews."""
+    return {
+        "name": "moods",
+        "dataset": {"name": "tiny_sentiment"},
+        "model": {
+            "layers": [
+                {"type": "embedding", "vocab_size": 2000, "dim": 16},
+                {"type": "mean_pool"},
+                {"type": "dense", "units": 2},
+            ],
+            "loss": "softmax_cross_entropy",
+        },
+        "optimizer": {"type": "adam", "lr": 0.01},
+        "training": {"epochs": epochs, "batch_size": 32},
+        "resources": {"workers": workers},
+    }

@@ -11,6 +11,7 @@ from core import load_dataset
 from service.dispatcher import Dispatcher
 from service.models import Attempt, AttemptStatus, Job, JobStatus
 from tests.service.conftest import Api
+from tests.service.factories import sentiment_classifier
 from tests.service.test_jobs_api import _job
 
 
@@ -96,20 +97,7 @@ def test_a_failing_job_is_retried_then_fails_with_each_error(api: Api) -> None:
 
 
 def test_text_models_answer_texts(api: Api) -> None:
-    classifier = {
-        "name": "moods",
-        "dataset": {"name": "tiny_sentiment"},
-        "model": {
-            "layers": [
-                {"type": "embedding", "vocab_size": 2000, "dim": 16},
-                {"type": "mean_pool"},
-                {"type": "dense", "units": 2},
-            ],
-            "loss": "softmax_cross_entropy",
-        },
-        "optimizer": {"type": "adam", "lr": 0.01},
-        "training": {"epochs": 3, "batch_size": 32},
-    }
+    classifier = sentiment_classifier(epochs=3)
     corpus = ("the cat sat on the mat. the dog sat on the log.\n" * 80).encode()
     upload = api.client.post(
         "/api/v1/datasets",
