@@ -36,18 +36,26 @@ def read_series(
         where.append(Metric.step > since_step)
     if max_points is None:
         return _fetch(session, where)
-    shapes = session.execute(
-        select(Metric.name, func.min(Metric.step), func.max(Metric.step), func.count())
-        .where(*where)
-        .group_by(Metric.name)
-    ).all()
+    wanted = names or list(
+        session.scalars(select(Metric.name).where(*where).distinct().order_by(Metric.name))
+    )
     series: Series = {}
-    small = [name for name, _, _, count in shapes if count <= max_points]
-    if small:
-        series.update(_fetch(session, [*where, Metric.name.in_(small)]))
-    for name, first, last, count in shapes:
-        if count > max_points:
-            series[name] = _downsampled(session, where, name, first, last, max_points)
+    for name in wanted:
+        in_series = [*where, Metric.name == name]
+        # At most max_points + 1 rows through the primary key: a short series is done.
+        head = session.execute(
+            select(Metric.step, Metric.value)
+            .where(*in_series)
+            .order_by(Metric.step)
+            .limit(max_points + 1)
+        ).all()
+        if len(head) <= max_points:
+            if head:
+                series[name] = [(int(step), float(value)) for step, value in head]
+            continue
+        last = session.scalar(select(func.max(Metric.step)).where(*in_series))
+        assert last is not None  # the series has more than max_points rows
+        series[name] = _downsampled(session, where, name, int(head[0][0]), int(last), max_points)
     return dict(sorted(series.items()))
 
 
