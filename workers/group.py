@@ -243,6 +243,14 @@ class WorkerGroup:
                 alive.append(ref in ready and ray.get(ref) > 0)
             except RayActorError:
                 alive.append(False)
+        return self._snapshot(alive)
+
+    def status(self) -> WorkerGroupStatus:
+        """Where each rank runs, without calling the workers; ``alive`` is false once the
+        group is shut down (:meth:`poll_status` asks the workers themselves)."""
+        return self._snapshot([self._placement is not None] * len(self.infos))
+
+    def _snapshot(self, alive: Sequence[bool]) -> WorkerGroupStatus:
         return WorkerGroupStatus(
             name=self.name,
             workers=tuple(
@@ -254,23 +262,6 @@ class WorkerGroup:
                     alive=is_alive,
                 )
                 for info, is_alive in zip(self.infos, alive, strict=True)
-            ),
-        )
-
-    def status(self) -> WorkerGroupStatus:
-        """Where each rank runs, without calling the workers; ``alive`` is false once the
-        group is shut down (:meth:`poll_status` asks the workers themselves)."""
-        return WorkerGroupStatus(
-            name=self.name,
-            workers=tuple(
-                WorkerStatus(
-                    rank=info.rank,
-                    pid=info.pid,
-                    node_id=info.node_id,
-                    actor_name=self.actor_names[info.rank],
-                    alive=self._placement is not None,
-                )
-                for info in self.infos
             ),
         )
 
