@@ -234,6 +234,27 @@ class Model:
             for key, param in layer.params.items():
                 yield f"{index}.{key}", param, layer.grads[key]
 
+    def grad_views(self, flat: Any) -> list[Any]:
+        """Views of ``flat`` (1-D, at least as long as all the parameters together) shaped
+        like each parameter's gradient, in :meth:`parameters` order; kept per array, so
+        binding the same array again hands out the same views."""
+        cache = self.__dict__.setdefault("_grad_views", {})
+        held = cache.get(id(flat))
+        if held is None or held[0] is not flat:
+            views, offset = [], 0
+            for _, param, _ in self.parameters():
+                views.append(flat[offset : offset + param.size].reshape(param.shape))
+                offset += param.size
+            held = cache[id(flat)] = (flat, views)
+        return held[1]
+
+    def bind_grads(self, flat: Any) -> None:
+        """Make every layer's gradients views of ``flat``: a backward writes into it."""
+        views = iter(self.grad_views(flat))
+        for layer in self.layers:
+            for key in layer.params:
+                layer.grads[key] = next(views)
+
     def layer_names(self) -> list[str]:
         """``"<index>.<type>"`` of each layer, the names of the per-layer diagnostics."""
         return [f"{index}.{layer.type}" for index, layer in enumerate(self.layers)]

@@ -27,6 +27,14 @@ class Optimizer:
         self.steps = 0
         self.state: dict[str, dict[str, Any]] = {name: {} for name, _, _ in self.params}
 
+    def bind_grads(self, grads: list[Any]) -> None:
+        """Read the gradients from ``grads`` (one per parameter, in order) from now on."""
+        if all(g is old for g, (_, _, old) in zip(grads, self.params, strict=True)):
+            return
+        self.params = [(n, p, g) for (n, p, _), g in zip(self.params, grads, strict=True)]
+        # The small-parameter group gathers its state again from the (kept) slots.
+        self.__dict__.pop("_group", None)
+
     def step(self) -> None:
         self.steps += 1
         group = self._small_group()

@@ -107,6 +107,14 @@ class Trainer:
             **kwargs,
         )
 
+    def bind_grads(self, flat: Any) -> None:
+        """Gradients, for the model and its optimizer, as views of ``flat`` (see
+        :meth:`Model.bind_grads`): data-parallel workers backpropagate into, and step
+        from, their all-reduce buffers without copying."""
+        self.model.bind_grads(flat)
+        self.optimizer.bind_grads(self.model.grad_views(flat))
+        self._layer_params = _params_by_layer(self.model)
+
     # --- one step ---------------------------------------------------------------------
 
     def compute_gradients(

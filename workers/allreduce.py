@@ -29,7 +29,12 @@ Backends:
     ``ray.util.collective`` NCCL on CuPy arrays, one GPU per worker (needs
     CuPy and torch); the same two paths as gloo.
 
-Large buffers are reduced in buckets of ``ALLREDUCE_BUCKET_BYTES``.
+Large buffers are reduced in buckets of ``ALLREDUCE_BUCKET_BYTES``. On one
+node's shared memory the rows may instead be *resident*: when every slot row
+and the result fit in ``ALLREDUCE_RESIDENT_MAX_BYTES``, the segment holds them
+whole, a worker computes its slots' gradients straight into their rows
+(:meth:`AllReduce.resident_views`) and reads the sum where it was made
+(:meth:`AllReduce.reduce_resident`): no copy in, no copy out.
 """
 
 from __future__ import annotations
@@ -45,11 +50,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.config import ALLREDUCE_BUCKET_BYTES, ALLREDUCE_TIMEOUT_S, BARRIER_MAX_SLEEP_S
+from workers.config import (
+    ALLREDUCE_BUCKET_BYTES,
+    ALLREDUCE_RESIDENT_MAX_BYTES,
+    ALLREDUCE_TIMEOUT_S,
+    BARRIER_MAX_SLEEP_S,
+)
 from workers.errors import AllReduceTimeoutError, BackendUnavailableError
 
 BACKENDS = ("ray", "gloo", "nccl")
 _CACHE_LINE_BYTES = 64
+#: Elements summed at a time: the running sum of a block stays in cache over all slots.
+_SUM_BLOCK_ELEMENTS = 1 << 15
 
 
 # --- the contract ---------------------------------------------------------------------
@@ -139,6 +151,20 @@ class AllReduce:
     def _reduce_bucket(self, rows: Any, num_slots: int, out: Any, ordered: bool) -> None:
         raise NotImplementedError
 
+    def resident_views(self) -> tuple[list[Any], Any] | None:
+        """This rank's slot rows and the result row, where the backend keeps whole rows.
+
+        A caller that writes its slots' rows in place calls :meth:`reduce_resident`
+        instead of :meth:`reduce`, then reads the sum from the result row (until its
+        next call). None when the backend copies rows in and out.
+        """
+        return None
+
+    def reduce_resident(self, num_slots: int) -> bool:
+        """Sum the resident slot rows into the result row, in slot order; returns
+        whether every element of the sum is finite."""
+        raise NotImplementedError
+
     # Setup runs in three phases, each on every rank before the next (see make_allreduce).
     def attach(self) -> None:
         """Second phase: join what the first phase created elsewhere."""
@@ -162,6 +188,8 @@ class AllReduceSetup:
     num_slots: int
     bucket_bytes: int = ALLREDUCE_BUCKET_BYTES
     timeout_s: float = ALLREDUCE_TIMEOUT_S
+    #: Shared memory keeps whole rows when all of them take no more than this.
+    resident_max_bytes: int = ALLREDUCE_RESIDENT_MAX_BYTES
 
     @property
     def world_size(self) -> int:
@@ -178,6 +206,8 @@ def make_allreduce(
     """
     bucket_elements = bucket_elements_for(dtype, setup.bucket_bytes)
     if setup.backend == "ray":
+        rows_bytes = (setup.num_slots + 1) * vector_size * np.dtype(dtype).itemsize
+        resident = rows_bytes <= setup.resident_max_bytes
         backend = SharedMemoryAllReduce(
             rank=rank,
             topology=Topology.from_node_ids(setup.node_ids),
@@ -185,9 +215,10 @@ def make_allreduce(
             num_slots=setup.num_slots,
             vector_size=vector_size,
             dtype=dtype,
-            bucket_elements=bucket_elements,
+            bucket_elements=vector_size if resident else bucket_elements,
             exchange=exchange,
             timeout_s=setup.timeout_s,
+            resident=resident,
         )
         backend.create()
         return backend
@@ -286,14 +317,17 @@ class SharedMemoryBarrier:
 
 @dataclass(frozen=True)
 class SharedMemoryLayout:
-    """Where things live in a node's segment: barrier counters, then two sets of
-    (slot rows, result) used by alternate buckets, so that a fast rank writing
-    the next bucket never overwrites what a slow rank still reads."""
+    """Where things live in a node's segment: barrier counters, finite flags, then
+    two sets of (slot rows, result) used by alternate buckets, so that a fast rank
+    writing the next bucket never overwrites what a slow rank still reads. Resident
+    rows need one set: a rank writes its rows again only after every rank has
+    finished reading the last result (they all pass the next barrier first)."""
 
     local_size: int
     num_slots: int
     bucket_elements: int
     itemsize: int
+    halves: int = 2
 
     @property
     def counters_bytes(self) -> int:
@@ -306,7 +340,7 @@ class SharedMemoryLayout:
 
     @property
     def size(self) -> int:
-        return self.counters_bytes + 2 * self.half_bytes
+        return 2 * self.counters_bytes + self.halves * self.half_bytes
 
 
 class SharedMemoryAllReduce(AllReduce):
@@ -332,6 +366,7 @@ class SharedMemoryAllReduce(AllReduce):
         bucket_elements: int,
         exchange: Any = None,
         timeout_s: float = ALLREDUCE_TIMEOUT_S,
+        resident: bool = False,
     ) -> None:
         super().__init__(
             rank=rank,
@@ -347,11 +382,14 @@ class SharedMemoryAllReduce(AllReduce):
         self.num_slots = num_slots
         self.timeout_s = timeout_s
         self.segment_name = f"{segment_prefix}-n{self.node}"
+        self.vector_size = vector_size
+        self.resident = resident and self.bucket_elements >= vector_size
         self.layout = SharedMemoryLayout(
             local_size=len(self.local_ranks),
             num_slots=num_slots,
             bucket_elements=self.bucket_elements,
             itemsize=self.dtype.itemsize,
+            halves=1 if self.resident else 2,
         )
         if topology.num_nodes > 1 and exchange is None:
             raise ValueError("a group on several nodes needs an exchange between node leaders")
@@ -388,10 +426,11 @@ class SharedMemoryAllReduce(AllReduce):
         buf = self._shm.buf
         counters = np.ndarray((layout.local_size,), np.int64, buf)
         self._barrier = SharedMemoryBarrier(counters, self.local_index, self.timeout_s)
+        self._finite = np.ndarray((layout.local_size,), np.int64, buf, layout.counters_bytes)
         self._slots: list[np.ndarray] = []
         self._results: list[np.ndarray] = []
-        for half in range(2):
-            offset = layout.counters_bytes + half * layout.half_bytes
+        for half in range(layout.halves):
+            offset = 2 * layout.counters_bytes + half * layout.half_bytes
             block = np.ndarray(
                 (layout.num_slots + 1, layout.bucket_elements), self.dtype, buf, offset
             )
@@ -404,21 +443,47 @@ class SharedMemoryAllReduce(AllReduce):
         if num_slots > self.num_slots:
             raise ValueError(f"segment holds {self.num_slots} slots, asked for {num_slots}")
         n = out.shape[0]
-        half = self._buckets % 2
+        half = self._buckets % len(self._slots)
         self._buckets += 1
         slots, result = self._slots[half], self._results[half]
         for row, slot in zip(rows, owned_slots(self.rank, self.world_size, num_slots), strict=True):
             slots[slot, :n] = row
         self._barrier.wait()
+        self._sum_segment(slots, result, num_slots, n)
+        self._barrier.wait()
+        out[...] = result[:n]
+
+    def resident_views(self) -> tuple[list[Any], Any] | None:
+        if not self.resident:
+            return None
+        n = self.vector_size
+        slots, result = self._slots[0], self._results[0]
+        mine = owned_slots(self.rank, self.world_size, self.num_slots)
+        return [slots[slot, :n] for slot in mine], result[:n]
+
+    def reduce_resident(self, num_slots: int) -> bool:
+        if not self.resident:
+            raise RuntimeError("this all-reduce copies rows; call reduce()")
+        if num_slots > self.num_slots:
+            raise ValueError(f"segment holds {self.num_slots} slots, asked for {num_slots}")
+        self._barrier.wait()
+        finite = self._sum_segment(self._slots[0], self._results[0], num_slots, self.vector_size)
+        # Read only after the next barrier, and written again only after the one after it.
+        self._finite[self.local_index] = finite
+        self._barrier.wait()
+        return bool(self._finite.min())
+
+    def _sum_segment(self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int) -> bool:
+        """This rank's part of the sum of the slot rows (on one node, one chunk of the
+        elements; across nodes, the leader does it all); whether that part is finite."""
         if self.topology.num_nodes == 1:
             bounds = chunk_bounds(n, len(self.local_ranks))
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
-            if hi > lo:
-                ordered_sum(slots[:num_slots, lo:hi], result[lo:hi])
-        elif self.is_leader:
+            return _blocked_sum(slots[:num_slots, lo:hi], result[lo:hi])
+        if self.is_leader:
             self._reduce_across_nodes(slots, result, num_slots, n)
-        self._barrier.wait()
-        out[...] = result[:n]
+            return bool(np.isfinite(result[:n]).all())
+        return True
 
     def _reduce_across_nodes(
         self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int
@@ -474,6 +539,18 @@ class SharedMemoryAllReduce(AllReduce):
             except BufferError:  # a view is still alive somewhere; the process exit frees it
                 pass
             self._shm = None
+
+
+def _blocked_sum(rows: np.ndarray, out: np.ndarray) -> bool:
+    """:func:`ordered_sum` block by block, so each block's running sum stays in cache;
+    returns whether the sum is finite."""
+    finite = True
+    for start in range(0, out.shape[0], _SUM_BLOCK_ELEMENTS):
+        block = ordered_sum(
+            rows[:, start : start + _SUM_BLOCK_ELEMENTS], out[start : start + _SUM_BLOCK_ELEMENTS]
+        )
+        finite = finite and bool(np.isfinite(block).all())
+    return finite
 
 
 class LeaderExchange:

@@ -23,6 +23,10 @@ def _env_int(name: str, default: int) -> int:
 ALLREDUCE_TIMEOUT_S = _env_float("ALLREDUCE_TIMEOUT_S", 60.0)
 #: Size of one all-reduce bucket; a flat gradient larger than this is reduced in pieces.
 ALLREDUCE_BUCKET_BYTES = _env_int("ALLREDUCE_BUCKET_BYTES", 4 * 1024 * 1024)
+#: Largest shared-memory segment (slot rows plus result) that holds whole gradient rows on a
+#: node, so workers compute into it and read the sum from it with no copies; larger ones
+#: reduce bucket by bucket.
+ALLREDUCE_RESIDENT_MAX_BYTES = _env_int("ALLREDUCE_RESIDENT_MAX_BYTES", 1 << 30)
 #: Longest sleep between two looks at a shared-memory barrier (the wait backs off up to it).
 BARRIER_MAX_SLEEP_S = _env_float("BARRIER_MAX_SLEEP_S", 0.001)
 #: How long a worker group may wait for its resources and for its actors to start.

@@ -6,6 +6,11 @@ gradient (and loss) into one row of a flat buffer, all-reduces the rows in
 slot order and, when the sum is finite, takes the optimizer step on it. Every
 replica takes the same step on the same sum, so replicas stay identical.
 
+The model's gradients are views of those rows: a slot's backward writes its
+gradient where the all-reduce reads it, and the optimizer steps from the sum
+where the all-reduce wrote it. On one node's shared memory the rows and the sum
+live in the shared segment itself (resident rows), so a step copies nothing.
+
 Deterministic mode: slots are ``MICRO_SHARDS`` fixed pieces of the global
 batch, so the sum is the same whatever the number of workers. Fast mode: one
 slot per worker (its contiguous part of the batch), one forward and backward
@@ -170,9 +175,13 @@ class TrainWorker:
             xp = self.allreduce.xp
             self._rows = xp.zeros((len(self._slots), self.vector_size), dtype)
             self._sum = xp.zeros(self.vector_size, dtype)
+            self._private_sum = self._sum
         elif phase == "attach":
             assert self.allreduce is not None
             self.allreduce.attach()
+            resident = self.allreduce.resident_views()
+            if resident is not None:
+                self._rows, self._sum = resident
         elif phase == "seal":
             assert self.allreduce is not None
             self.allreduce.seal()
@@ -199,6 +208,7 @@ class TrainWorker:
         bounds = slot_bounds(len(index), self.num_slots)
         X, y = self.data["X_train"], self.data["y_train"]
         saved_buffers = [b.copy() for b in self._buffers]
+        bind = self._binds_grads()
         stats: list[SlotStats] = []
         for row, slot in zip(self._rows, self._slots, strict=True):
             lo, hi = bounds[slot], bounds[slot + 1]
@@ -208,25 +218,37 @@ class TrainWorker:
                 continue
             for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
                 buffer[...] = saved
+            if bind:
+                trainer.model.bind_grads(row)
             trainer.model.zero_grad()
             part = index[lo:hi]
             batch = trainer.compute_gradients(
                 X[part], y[part], scale=(hi - lo) / len(index), rng_key=(slot,)
             )
-            self._flatten_into(row, batch)
+            self._flatten_into(row, batch, grads=not bind)
             stats.append(
                 SlotStats(slot, batch.loss_sum, batch.samples, batch.correct, batch.predicted)
             )
         for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
             buffer[...] = saved
         started = time.perf_counter()
-        self.allreduce.reduce(self._rows, self.num_slots, self._sum, ordered=self.deterministic)
+        total = self._sum
+        if self.allreduce.resident_views() is not None:
+            finite = self.allreduce.reduce_resident(self.num_slots)
+            if finite and self.job.training.grad_clip_norm is not None:
+                # Clipping scales the gradient in place: not the sum every rank reads.
+                self._private_sum[...] = total
+                total = self._private_sum
+        else:
+            self.allreduce.reduce(self._rows, self.num_slots, total, ordered=self.deterministic)
+            finite = bool(self.allreduce.xp.isfinite(total).all())
         elapsed = time.perf_counter() - started
         self._allreduce_time_s += elapsed
-        finite = bool(self.allreduce.xp.isfinite(self._sum).all())
         if finite:
             nonempty = sum(1 for s in range(self.num_slots) if bounds[s + 1] > bounds[s])
-            self._unflatten_sum(nonempty)
+            if bind:
+                trainer.bind_grads(total)
+            self._unflatten_sum(total, nonempty, grads=not bind)
             trainer.apply_gradients(
                 steps_per_epoch=self.steps_per_epoch,
                 total_steps=self.total_steps,
@@ -236,26 +258,36 @@ class TrainWorker:
             slots=tuple(stats), finite=finite, step=trainer.step, allreduce_time_s=elapsed
         )
 
-    def _flatten_into(self, row: Any, batch: BatchStats) -> None:
+    def _binds_grads(self) -> bool:
+        """Whether the model's gradients can be views of the all-reduce rows (same device)."""
+        assert self.trainer is not None and self.allreduce is not None
+        return self.trainer.model.xp is self.allreduce.xp
+
+    def _flatten_into(self, row: Any, batch: BatchStats, *, grads: bool) -> None:
+        """Write a slot's row: its gradients (unless the backward wrote them there),
+        its running statistics and its loss sum."""
+        assert self.trainer is not None
         to_row = self.allreduce.xp.asarray  # type: ignore[union-attr]
-        offset = 0
-        for array in (*self._grads, *self._buffers):
+        arrays = (*self._grads, *self._buffers) if grads else self._buffers
+        offset = 0 if grads else self._grad_size
+        for array in arrays:
             size = int(array.size)
             row[offset : offset + size] = to_row(_same_device(array, row).reshape(-1))
             offset += size
         row[offset] = batch.loss_sum
 
-    def _unflatten_sum(self, nonempty_slots: int) -> None:
+    def _unflatten_sum(self, total: Any, nonempty_slots: int, *, grads: bool) -> None:
+        """Take the summed running statistics (and gradients, unless bound to the sum)."""
         assert self.trainer is not None
         to_model = self.trainer.model.xp.asarray
-        total = self._sum
         offset = 0
-        for grad in self._grads:
+        for grad in self._grads if grads else ():
             size = int(grad.size)
             grad[...] = to_model(_same_device(total[offset : offset + size], grad)).reshape(
                 grad.shape
             )
             offset += size
+        offset = self._grad_size
         for buffer in self._buffers:
             size = int(buffer.size)
             part = to_model(_same_device(total[offset : offset + size], buffer))

@@ -54,6 +54,18 @@ class ReduceProbe:
         self.backend.reduce(rows, num_slots, out, ordered=ordered)
         return out
 
+    def reduce_resident(self, rows: np.ndarray, num_slots: int) -> tuple[np.ndarray, bool]:
+        """Write ``rows`` into the resident slot rows, reduce in place; the sum and whether
+        it is finite."""
+        assert self.backend is not None
+        views = self.backend.resident_views()
+        assert views is not None, "rows are not resident"
+        mine, result = views
+        for view, row in zip(mine, rows, strict=True):
+            view[...] = row
+        finite = self.backend.reduce_resident(num_slots)
+        return result.copy(), finite
+
     def reduce_alone(self, rows: np.ndarray, num_slots: int) -> tuple[str, float]:
         """Reduce while the peers stay away: the error's name and the CPU seconds spent waiting."""
         started = time.process_time()

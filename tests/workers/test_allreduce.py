@@ -72,6 +72,7 @@ def join(
     bucket_bytes: int = 4096,
     node_ids: list[str] | None = None,
     timeout_s: float = 30.0,
+    resident_max_bytes: int = 0,
 ) -> None:
     """Set up ``group``'s probes with their own all-reduce (``node_ids`` may pretend
     that ranks on this machine live on different nodes)."""
@@ -82,6 +83,7 @@ def join(
         num_slots=num_slots,
         bucket_bytes=bucket_bytes,
         timeout_s=timeout_s,
+        resident_max_bytes=resident_max_bytes,
     )
     topology = Topology.from_node_ids(setup.node_ids)
     exchange = None
@@ -162,6 +164,43 @@ def test_leaders_reduce_across_nodes_in_slot_order(
             )
             check_reduce(group, rng, num_slots=8, n=3001 if bucket_bytes > 8 else 37)
             check_reduce(group, rng, num_slots=len(node_ids), n=5)
+
+
+@pytest.mark.parametrize(
+    "node_ids", [["a", "a"], ["a", "a", "a"], ["a", "a", "a", "a"], ["a", "b", "a"]]
+)
+def test_resident_rows_are_summed_in_place_in_slot_order(
+    node_ids: list[str], rng: np.random.Generator
+) -> None:
+    world, n = len(node_ids), 70_001  # more than one summing block per rank
+    with WorkerGroup.start(world, worker_cls=ReduceProbe) as group:
+        for num_slots in (8, world):
+            join(
+                group,
+                "ray",
+                num_slots=num_slots,
+                vector_size=n,
+                node_ids=node_ids,
+                resident_max_bytes=1 << 30,
+            )
+            slots = [
+                (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)).astype(np.float32)
+                for _ in range(num_slots)
+            ]
+            for poisoned in (False, True):
+                if poisoned:
+                    slots[-1][n // 2] = np.nan
+                refs = [
+                    actor.reduce_resident.remote(
+                        np.stack([slots[s] for s in owned_slots(rank, world, num_slots)]),
+                        num_slots,
+                    )
+                    for rank, actor in enumerate(group.actors)
+                ]
+                expected = fold(slots)
+                for result, finite in group.gather(refs):
+                    assert finite is not poisoned
+                    assert np.array_equal(result, expected, equal_nan=True)
 
 
 def test_a_missing_peer_times_out_with_a_typed_error() -> None:
