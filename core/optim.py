@@ -97,6 +97,25 @@ class Optimizer:
             group.share(slots)
 
     def _update(self, state: dict[str, Any], param: Any, grad: Any) -> None:
+        if (
+            _CHUNK
+            and state
+            and param.size > _CHUNK
+            and param.flags.c_contiguous
+            and grad.flags.c_contiguous
+            and all(v.flags.c_contiguous for v in state.values())
+        ):
+            # A large parameter a piece at a time: the dozen elementwise passes of an
+            # update then run in cache instead of streaming every array from memory
+            # each time. Elementwise arithmetic: the same numbers as in one piece.
+            flat_param, flat_grad = param.reshape(-1), grad.reshape(-1)
+            flat_state = {k: v.reshape(-1) for k, v in state.items()}
+            for start in range(0, param.size, _CHUNK):
+                part = slice(start, start + _CHUNK)
+                piece = {k: v[part] for k, v in flat_state.items()}
+                self._decay(flat_param[part])
+                flat_param[part] -= self._direction(piece, flat_param[part], flat_grad[part])
+            return
         self._decay(param)
         param -= self._direction(state, param, grad)
 
@@ -132,6 +151,8 @@ class Optimizer:
 
 
 _GROUP_MAX_SIZE = 1 << 16
+#: Elements of a large parameter updated at a time (0: all at once).
+_CHUNK = 1 << 15
 
 
 class _Group:

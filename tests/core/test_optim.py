@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core import build_model, build_optimizer, clip_grad_norm, scheduled_lr
+from core import build_model, build_optimizer, clip_grad_norm, optim, scheduled_lr
 from core.spec import ScheduleSpec
 
 STEPS = 3
@@ -348,3 +348,35 @@ def test_build_optimizer_takes_name_param_grad_triples(rng: np.random.Generator)
     opt.step()
     assert set(opt.state) == {"0.W", "0.b"}
     assert opt.state["0.W"]["exp_avg"].shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01},
+        {"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        {"type": "adam", "lr": 0.01, "weight_decay": 0.1},
+        {"type": "adamw", "lr": 0.01},
+    ],
+    ids=["sgd-dampening-decay", "sgd-nesterov", "adam-l2", "adamw"],
+)
+def test_large_parameters_updated_piece_by_piece_get_the_same_bits(
+    spec: dict[str, Any], rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Odd sizes: the last piece is shorter; the small one is not cut at all.
+    shapes = [(3 * optim._CHUNK + 7,), (301, 257), (5,)]
+    values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+
+    def run(chunk: int) -> list[np.ndarray]:
+        monkeypatch.setattr(optim, "_CHUNK", chunk)
+        triples = [(f"p{i}", v.copy(), np.zeros_like(v)) for i, v in enumerate(values)]
+        optimizer = build_optimizer(spec, triples)
+        for step in steps:
+            for (_, _, g), value in zip(triples, step, strict=True):
+                g[...] = value
+            optimizer.step()
+        return [p for _, p, _ in triples]
+
+    for pieces, whole in zip(run(4096), run(0), strict=True):
+        np.testing.assert_array_equal(pieces, whole)
