@@ -169,8 +169,12 @@ class WorkerGroup:
         **kwargs: Any,
     ) -> list[Any]:
         """Call ``method`` on every worker; the results in rank order."""
-        refs = [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-        return self.gather(refs, should_stop=should_stop)
+        return self.gather(self.submit(method, *args, **kwargs), should_stop=should_stop)
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every worker without waiting: one reference per rank, for
+        :meth:`gather`. Each worker runs its calls in the order they were made."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
 
     def execute_on(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
         ref = getattr(self.actors[rank], method).remote(*args, **kwargs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -131,8 +132,22 @@ def run_job(
     return run.run(resume)
 
 
+#: Steps asked of the workers ahead of the one being waited for, plus that one.
+STEPS_IN_FLIGHT = 2
+
+
 class _Rollback(Exception):
     """The group must go back to the last good checkpoint."""
+
+
+@dataclass
+class _EpochTotals:
+    """Sums over the steps of an epoch so far."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    correct: int = 0
+    predicted: int = 0
 
 
 @dataclass(kw_only=True)
@@ -270,24 +285,25 @@ class _JobRun:
         spec = self.spec
         while self.epoch < spec.epochs:
             epoch = self.epoch
-            loss_sum, samples, correct, predicted = 0.0, 0, 0, 0
+            totals = _EpochTotals()
             started = time.perf_counter()
+            # The next step is asked for before the last one is answered, so a worker
+            # never waits for the round trip to this process between two steps. A step
+            # that diverged rolls back to a checkpoint, so a step after it that was
+            # already running changes nothing.
+            in_flight: deque[tuple[int, list[Any]]] = deque()
             for batch_index in range(self.steps_per_epoch):
                 if (epoch, batch_index) in self.skipped:
                     continue
                 self._check_cancel()
-                result = self._step(epoch, batch_index)
-                step_loss = sum(s.loss_sum for s in _slots_in_order(result))
-                step_samples = sum(s.samples for s in _slots_in_order(result))
-                loss_sum += step_loss
-                samples += step_samples
-                correct += sum(s.correct for s in _slots_in_order(result))
-                predicted += sum(s.predicted for s in _slots_in_order(result))
-                self.step = result[0].step
-                if self.on_step is not None and self.step > self.reported_step:
-                    self.reported_step = self.step
-                    if self.step % spec.log_every_steps == 0:
-                        self.on_step(self.step, step_loss / max(step_samples, 1))
+                assert self.group is not None
+                in_flight.append((batch_index, self.group.submit("train_step", epoch, batch_index)))
+                if len(in_flight) == STEPS_IN_FLIGHT:
+                    self._take_step(epoch, *in_flight.popleft(), totals)
+            while in_flight:
+                self._take_step(epoch, *in_flight.popleft(), totals)
+            loss_sum, samples = totals.loss_sum, totals.samples
+            correct, predicted = totals.correct, totals.predicted
             elapsed = time.perf_counter() - started
             self._check_cancel()
             assert self.group is not None
@@ -312,14 +328,26 @@ class _JobRun:
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(self.epoch, checkpoint)
 
-    def _step(self, epoch: int, batch_index: int) -> list[StepResult]:
+    def _take_step(
+        self, epoch: int, batch_index: int, refs: list[Any], totals: _EpochTotals
+    ) -> None:
+        """Wait for one step's results and count them."""
         assert self.group is not None
-        results: list[StepResult] = self.group.execute(
-            "train_step", epoch, batch_index, should_stop=self._cancel_requested
-        )
+        results: list[StepResult] = self.group.gather(refs, should_stop=self._cancel_requested)
         if not results[0].finite:
             self._diverged(epoch, batch_index, "non-finite loss or gradient")
-        return results
+        slots = _slots_in_order(results)
+        step_loss = sum(s.loss_sum for s in slots)
+        step_samples = sum(s.samples for s in slots)
+        totals.loss_sum += step_loss
+        totals.samples += step_samples
+        totals.correct += sum(s.correct for s in slots)
+        totals.predicted += sum(s.predicted for s in slots)
+        self.step = results[0].step
+        if self.on_step is not None and self.step > self.reported_step:
+            self.reported_step = self.step
+            if self.step % self.spec.log_every_steps == 0:
+                self.on_step(self.step, step_loss / max(step_samples, 1))
 
     def _diverged(self, epoch: int, batch_index: int, reason: str) -> NoReturn:
         """Skip the batch from now on and roll back, or fail after too many divergences."""
