@@ -255,6 +255,17 @@ class Model:
             for key in layer.params:
                 layer.grads[key] = next(views)
 
+    def bind_params(self, flat: Any) -> None:
+        """Copy the parameters into ``flat`` and make them views of it from now on
+        (laid out as :meth:`grad_views`)."""
+        views = iter(self.grad_views(flat))
+        for layer in self.layers:
+            for key, param in list(layer.params.items()):
+                view = next(views)
+                if view is not param:
+                    view[...] = param
+                    layer.params[key] = view
+
     def layer_names(self) -> list[str]:
         """``"<index>.<type>"`` of each layer, the names of the per-layer diagnostics."""
         return [f"{index}.{layer.type}" for index, layer in enumerate(self.layers)]

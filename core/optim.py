@@ -20,6 +20,9 @@ Triple = tuple[str, Any, Any]
 
 
 class Optimizer:
+    #: The arrays of state a parameter may have (each shaped like the parameter).
+    state_keys: tuple[str, ...] = ()
+
     def __init__(self, spec: Any, parameters: Iterable[Triple]) -> None:
         self.spec = spec
         self.params = list(parameters)
@@ -27,11 +30,16 @@ class Optimizer:
         self.steps = 0
         self.state: dict[str, dict[str, Any]] = {name: {} for name, _, _ in self.params}
 
-    def bind_grads(self, grads: list[Any]) -> None:
-        """Read the gradients from ``grads`` (one per parameter, in order) from now on."""
-        if all(g is old for g, (_, _, old) in zip(grads, self.params, strict=True)):
+    def bind(self, *, params: list[Any] | None = None, grads: list[Any] | None = None) -> None:
+        """Update ``params`` and read ``grads`` (one per parameter, in order) from now on."""
+        old = self.params
+        new = [
+            (name, p if params is None else params[i], g if grads is None else grads[i])
+            for i, (name, p, g) in enumerate(old)
+        ]
+        if all(a[1] is b[1] and a[2] is b[2] for a, b in zip(old, new, strict=True)):
             return
-        self.params = [(n, p, g) for (n, p, _), g in zip(self.params, grads, strict=True)]
+        self.params = new
         # The small-parameter group gathers its state again from the (kept) slots.
         self.__dict__.pop("_group", None)
 
@@ -213,6 +221,7 @@ class SGD(Optimizer):
     """
 
     spec: SgdSpec
+    state_keys = ("momentum",)
 
     def _direction(self, state: dict[str, Any], param: Any, grad: Any) -> Any:
         spec = self.spec
@@ -253,6 +262,7 @@ class Adam(Optimizer):
     """
 
     spec: AdamSpec | AdamWSpec
+    state_keys = ("exp_avg", "exp_avg_sq")
     decoupled = False
 
     def _decay(self, param: Any) -> None:

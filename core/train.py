@@ -112,7 +112,13 @@ class Trainer:
         :meth:`Model.bind_grads`): data-parallel workers backpropagate into, and step
         from, their all-reduce buffers without copying."""
         self.model.bind_grads(flat)
-        self.optimizer.bind_grads(self.model.grad_views(flat))
+        self.optimizer.bind(grads=self.model.grad_views(flat))
+        self._layer_params = _params_by_layer(self.model)
+
+    def bind_params(self, flat: Any) -> None:
+        """Parameters as views of ``flat`` (copied in; see :meth:`Model.bind_params`)."""
+        self.model.bind_params(flat)
+        self.optimizer.bind(params=self.model.grad_views(flat))
         self._layer_params = _params_by_layer(self.model)
 
     # --- one step ---------------------------------------------------------------------
@@ -138,8 +144,21 @@ class Trainer:
             predicted=right[1] if right else 0,
         )
 
-    def apply_gradients(self, *, steps_per_epoch: int, total_steps: int, diagnose: bool) -> None:
-        """Clip, schedule, and take the optimizer step on the accumulated gradients."""
+    def apply_gradients(
+        self,
+        *,
+        steps_per_epoch: int,
+        total_steps: int,
+        diagnose: bool,
+        update: Callable[[], None] | None = None,
+        record: bool = True,
+    ) -> None:
+        """Clip, schedule, and take the optimizer step on the accumulated gradients.
+
+        ``update`` replaces the optimizer's step (workers that share one copy of the
+        parameters each update a part); ``record=False`` skips the diagnostics of a
+        replica that does not report them (``diagnose`` then does nothing either).
+        """
         opt = self.optimizer
         opt.lr = scheduled_lr(
             float(opt.spec.lr),
@@ -149,7 +168,7 @@ class Trainer:
             total_steps=total_steps,
         )
         diagnostics = self._diagnostics
-        for layer, pairs in self._layer_params.items():
+        for layer, pairs in self._layer_params.items() if record else ():
             norm_sq = sum(_squared_norm(g) for _, g in pairs)
             diagnostics.grad_norm_sums[layer] = diagnostics.grad_norm_sums.get(layer, 0.0) + (
                 math.sqrt(norm_sq)
@@ -159,10 +178,10 @@ class Trainer:
             clip_grad_norm((g for _, _, g in self.model.parameters()), self.training.grad_clip_norm)
         before = (
             {layer: [p.copy() for p, _ in pairs] for layer, pairs in self._layer_params.items()}
-            if diagnose
+            if diagnose and record
             else None
         )
-        opt.step()
+        (update or opt.step)()
         self.step += 1
         if before is not None:
             for layer, pairs in self._layer_params.items():

@@ -34,7 +34,10 @@ node's shared memory the rows may instead be *resident*: when every slot row
 and the result fit in ``ALLREDUCE_RESIDENT_MAX_BYTES``, the segment holds them
 whole, a worker computes its slots' gradients straight into their rows
 (:meth:`AllReduce.resident_views`) and reads the sum where it was made
-(:meth:`AllReduce.reduce_resident`): no copy in, no copy out.
+(:meth:`AllReduce.reduce_resident`): no copy in, no copy out. Such a segment
+can hold more rows that every rank of the node shares
+(:meth:`AllReduce.shared_views`): one copy of the parameters and the optimizer
+state, of which each rank updates a part.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from types import ModuleType
@@ -165,6 +168,11 @@ class AllReduce:
         whether every element of the sum is finite."""
         raise NotImplementedError
 
+    def shared_views(self) -> SharedRows | None:
+        """The rows shared by the ranks of this rank's node (asked for at creation);
+        None when the backend has no such rows."""
+        return None
+
     # Setup runs in three phases, each on every rank before the next (see make_allreduce).
     def attach(self) -> None:
         """Second phase: join what the first phase created elsewhere."""
@@ -174,6 +182,23 @@ class AllReduce:
 
     def close(self) -> None:
         """Release what the backend holds (idempotent)."""
+
+
+@dataclass(frozen=True)
+class SharedRows:
+    """Rows every rank of one node reads and writes, and how to meet the others."""
+
+    rows: list[np.ndarray]
+    #: This rank among the node's ranks, and how many there are.
+    local_index: int
+    local_size: int
+    #: Waits until every rank of the node has called it as often (a barrier).
+    wait: Callable[[], None]
+
+    def part(self, length: int) -> slice:
+        """This rank's share of ``range(length)``."""
+        bounds = chunk_bounds(length, self.local_size)
+        return slice(bounds[self.local_index], bounds[self.local_index + 1])
 
 
 @dataclass(frozen=True)
@@ -197,17 +222,25 @@ class AllReduceSetup:
 
 
 def make_allreduce(
-    setup: AllReduceSetup, *, rank: int, vector_size: int, dtype: Any, exchange: Any = None
+    setup: AllReduceSetup,
+    *,
+    rank: int,
+    vector_size: int,
+    dtype: Any,
+    exchange: Any = None,
+    shared_rows: int = 0,
 ) -> AllReduce:
     """The first setup phase of rank ``rank``: build its end of the all-reduce.
 
     Then, on every rank in turn, :meth:`AllReduce.attach` and :meth:`AllReduce.seal`.
     ``exchange`` is the :class:`LeaderExchange` actor of a ``ray`` group on several nodes.
+    ``shared_rows`` asks for that many rows shared by each node's ranks, where rows are
+    resident (see :meth:`AllReduce.shared_views`).
     """
     bucket_elements = bucket_elements_for(dtype, setup.bucket_bytes)
     if setup.backend == "ray":
-        rows_bytes = (setup.num_slots + 1) * vector_size * np.dtype(dtype).itemsize
-        resident = rows_bytes <= setup.resident_max_bytes
+        rows = setup.num_slots + 1 + shared_rows
+        resident = rows * vector_size * np.dtype(dtype).itemsize <= setup.resident_max_bytes
         backend = SharedMemoryAllReduce(
             rank=rank,
             topology=Topology.from_node_ids(setup.node_ids),
@@ -219,6 +252,7 @@ def make_allreduce(
             exchange=exchange,
             timeout_s=setup.timeout_s,
             resident=resident,
+            shared_rows=shared_rows if resident else 0,
         )
         backend.create()
         return backend
@@ -328,6 +362,8 @@ class SharedMemoryLayout:
     bucket_elements: int
     itemsize: int
     halves: int = 2
+    #: Rows of ``bucket_elements`` after the halves, shared by the node's ranks.
+    shared_rows: int = 0
 
     @property
     def counters_bytes(self) -> int:
@@ -340,6 +376,10 @@ class SharedMemoryLayout:
 
     @property
     def size(self) -> int:
+        return self.shared_offset + self.shared_rows * self.bucket_elements * self.itemsize
+
+    @property
+    def shared_offset(self) -> int:
         return 2 * self.counters_bytes + self.halves * self.half_bytes
 
 
@@ -367,6 +407,7 @@ class SharedMemoryAllReduce(AllReduce):
         exchange: Any = None,
         timeout_s: float = ALLREDUCE_TIMEOUT_S,
         resident: bool = False,
+        shared_rows: int = 0,
     ) -> None:
         super().__init__(
             rank=rank,
@@ -390,6 +431,7 @@ class SharedMemoryAllReduce(AllReduce):
             bucket_elements=self.bucket_elements,
             itemsize=self.dtype.itemsize,
             halves=1 if self.resident else 2,
+            shared_rows=shared_rows if self.resident else 0,
         )
         if topology.num_nodes > 1 and exchange is None:
             raise ValueError("a group on several nodes needs an exchange between node leaders")
@@ -436,6 +478,9 @@ class SharedMemoryAllReduce(AllReduce):
             )
             self._slots.append(block[:-1])
             self._results.append(block[-1])
+        self._shared = np.ndarray(
+            (layout.shared_rows, layout.bucket_elements), self.dtype, buf, layout.shared_offset
+        )
 
     # --- reducing -----------------------------------------------------------------------
 
@@ -460,6 +505,16 @@ class SharedMemoryAllReduce(AllReduce):
         slots, result = self._slots[0], self._results[0]
         mine = owned_slots(self.rank, self.world_size, self.num_slots)
         return [slots[slot, :n] for slot in mine], result[:n]
+
+    def shared_views(self) -> SharedRows | None:
+        if not self.layout.shared_rows:
+            return None
+        return SharedRows(
+            rows=list(self._shared[:, : self.vector_size]),
+            local_index=self.local_index,
+            local_size=len(self.local_ranks),
+            wait=self._barrier.wait,
+        )
 
     def reduce_resident(self, num_slots: int) -> bool:
         if not self.resident:
@@ -533,6 +588,7 @@ class SharedMemoryAllReduce(AllReduce):
     def close(self) -> None:
         if self._shm is not None:
             self._slots, self._results = [], []
+            self._shared = np.empty((0, 0), self.dtype)
             self._barrier = None  # type: ignore[assignment]
             try:
                 self._shm.close()

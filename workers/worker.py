@@ -10,6 +10,8 @@ The model's gradients are views of those rows: a slot's backward writes its
 gradient where the all-reduce reads it, and the optimizer steps from the sum
 where the all-reduce wrote it. On one node's shared memory the rows and the sum
 live in the shared segment itself (resident rows), so a step copies nothing.
+There the node's workers also share one copy of the parameters and take the
+optimizer step together, each on its part (:mod:`workers.sharded`).
 
 Deterministic mode: slots are ``MICRO_SHARDS`` fixed pieces of the global
 batch, so the sum is the same whatever the number of workers. Fast mode: one
@@ -28,6 +30,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,7 @@ from core.data import epoch_order
 from core.spec import JobSpec, parse_job_spec
 from core.train import BatchStats, Trainer
 from workers.allreduce import AllReduce, AllReduceSetup, chunk_bounds, make_allreduce, owned_slots
+from workers.sharded import NodeOptimizer, shared_rows_needed
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class TrainWorker:
         self._epoch_in_progress: int | None = None
         self._allreduce_time_s = 0.0
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self._node_optimizer: NodeOptimizer | None = None
 
     # --- identity -------------------------------------------------------------------------
 
@@ -169,8 +174,14 @@ class TrainWorker:
         assert self.trainer is not None, "setup_job first"
         if phase == "create":
             dtype = self.trainer.model.dtype
+            host_model = self.trainer.model.xp is np
             self.allreduce = make_allreduce(
-                setup, rank=self.rank, vector_size=self.vector_size, dtype=dtype, exchange=exchange
+                setup,
+                rank=self.rank,
+                vector_size=self.vector_size,
+                dtype=dtype,
+                exchange=exchange,
+                shared_rows=shared_rows_needed(self.trainer) if host_model else 0,
             )
             xp = self.allreduce.xp
             self._rows = xp.zeros((len(self._slots), self.vector_size), dtype)
@@ -182,6 +193,9 @@ class TrainWorker:
             resident = self.allreduce.resident_views()
             if resident is not None:
                 self._rows, self._sum = resident
+            shared = self.allreduce.shared_views()
+            if shared is not None:
+                self._node_optimizer = NodeOptimizer(self.trainer, shared)
         elif phase == "seal":
             assert self.allreduce is not None
             self.allreduce.seal()
@@ -249,10 +263,19 @@ class TrainWorker:
             if bind:
                 trainer.bind_grads(total)
             self._unflatten_sum(total, nonempty, grads=not bind)
+            diagnose = batch_index == self.steps_per_epoch - 1
+            node_optimizer = self._node_optimizer
             trainer.apply_gradients(
                 steps_per_epoch=self.steps_per_epoch,
                 total_steps=self.total_steps,
-                diagnose=batch_index == self.steps_per_epoch - 1,
+                diagnose=diagnose,
+                update=(
+                    None
+                    if node_optimizer is None
+                    else partial(node_optimizer.update, total, diagnose=diagnose)
+                ),
+                # Only rank 0 reports the per-layer diagnostics.
+                record=self.rank == 0,
             )
         return StepResult(
             slots=tuple(stats), finite=finite, step=trainer.step, allreduce_time_s=elapsed
@@ -343,11 +366,15 @@ class TrainWorker:
 
     def save(self) -> bytes:
         assert self.trainer is not None
+        if self._node_optimizer is not None:
+            self._node_optimizer.export_state()
         return self.trainer.save()
 
     def load(self, checkpoint: bytes) -> tuple[int, int]:
         assert self.trainer is not None
-        self.trainer.load(checkpoint)
+        self.trainer.load(checkpoint)  # the parameters are copied into the shared ones
+        if self._node_optimizer is not None:
+            self._node_optimizer.adopt_state()
         self._epoch_in_progress = None
         return self.trainer.epoch, self.trainer.step
 
@@ -357,6 +384,7 @@ class TrainWorker:
         return {k: to_numpy(v) for k, v in self.trainer.model.state_dict().items()}
 
     def close(self) -> None:
+        self._node_optimizer = None
         if self.allreduce is not None:
             self.allreduce.close()
             self.allreduce = None
