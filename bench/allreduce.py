@@ -1,6 +1,6 @@
 """All-reduce time and bus bandwidth: the ``ray`` backend against ``gloo``.
 
-    python bench/allreduce.py [--sizes-mb 1 4 16 64] [--workers 2 4] [--repeats 10]
+    python bench/allreduce.py [--sizes-mb 1 4 16 64] [--workers 2 4] [--repeats 10] [--nodes 2]
 
 For each buffer size and number of workers, every backend reduces a float32
 buffer ``--repeats`` times after two warm-up rounds, in two modes:
@@ -9,6 +9,11 @@ buffer ``--repeats`` times after two warm-up rounds, in two modes:
 order). Reported: the median time of rank 0, the algorithm bandwidth
 ``size / time`` and the bus bandwidth ``algbw * 2 (N - 1) / N`` (the NCCL-tests
 convention, comparable across worker counts), and the ratio gloo / ray.
+
+``--nodes 2`` starts a two-node Ray cluster on this machine
+(``ray.cluster_utils.Cluster``) and places the ranks on alternate nodes: the
+``ray`` backend then reduces within each node through shared memory and between
+the two node leaders through Ray's object store, gloo over TCP between all ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import statistics
 import time
 import uuid
@@ -23,8 +29,15 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.cluster_utils import Cluster
 
-from workers.allreduce import AllReduceSetup, backend_unavailable_reason, make_allreduce
+from workers.allreduce import (
+    AllReduceSetup,
+    LeaderExchange,
+    Topology,
+    backend_unavailable_reason,
+    make_allreduce,
+)
 from workers.group import WorkerGroup
 
 MB = 1024 * 1024
@@ -81,8 +94,12 @@ def join(group: WorkerGroup, backend: str, num_slots: int, n: int) -> None:
         name=f"bench-{uuid.uuid4().hex[:10]}",
         num_slots=num_slots,
     )
+    nodes = Topology.from_node_ids(setup.node_ids).num_nodes
+    exchange = None
+    if backend == "ray" and nodes > 1:
+        exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(nodes)
     for phase in ("create", "attach", "seal"):
-        group.execute("setup_allreduce", setup, phase, None, vector_size=n)
+        group.execute("setup_allreduce", setup, phase, exchange, vector_size=n)
 
 
 def main() -> None:
@@ -90,34 +107,76 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--nodes", type=int, choices=(1, 2), default=1)
     args = parser.parse_args()
     backends = ["ray"] + (["gloo"] if backend_unavailable_reason("gloo") is None else [])
     if "gloo" not in backends:
         print(f"gloo skipped: {backend_unavailable_reason('gloo')}")
-    ray.init(
-        address="local",
-        num_cpus=max(args.workers) * 2,
-        include_dashboard=False,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
+    cluster = None
+    if args.nodes == 1:
+        ray.init(
+            address="local",
+            num_cpus=max(args.workers) * 2,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    else:
+        cluster = two_node_cluster(max(args.workers))
+        ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
+    print(
+        f"{os.cpu_count()} CPU cores; {args.nodes} Ray node(s); float32 buffers; "
+        f"median of {args.repeats}"
     )
-    print(f"{os.cpu_count()} CPU cores; float32 buffers; median of {args.repeats}")
     print(
         f"{'workers':>7} {'MB':>4} {'slots':>5} {'backend':>7} {'ms':>9} "
         f"{'algbw GB/s':>10} {'busbw GB/s':>10} {'gloo/ray':>8}"
     )
     for world in args.workers:
-        for backend_times in _measure(world, args.sizes_mb, args.repeats, backends):
-            print(backend_times)
+        for line in _measure(world, args.sizes_mb, args.repeats, backends, args.nodes):
+            print(line)
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
 
 
-def _measure(world: int, sizes_mb: list[int], repeats: int, backends: list[str]) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def two_node_cluster(workers: int) -> Cluster:
+    """A head and a second node on this machine, each with a resource that pins ranks."""
+    store = 2 * (64 + 8) * MB * workers
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            # Ray's default port (6379) may be taken by a Redis server.
+            "gcs_server_port": free_port(),
+            "num_cpus": workers,
+            "resources": {"node_a": workers},
+            "include_dashboard": False,
+            "object_store_memory": store,
+        },
+    )
+    cluster.add_node(num_cpus=workers, resources={"node_b": workers}, object_store_memory=store)
+    return cluster
+
+
+def _measure(
+    world: int, sizes_mb: list[int], repeats: int, backends: list[str], nodes: int
+) -> list[str]:
     lines = []
     results: dict[tuple[int, str, str], float] = {}
+    placement: dict[str, Any] = {}
+    if nodes == 2:  # alternate ranks between the nodes
+        placement["resources_per_worker"] = [
+            {"node_a" if rank % 2 == 0 else "node_b": 1} for rank in range(world)
+        ]
     for backend in backends:
         # A fresh group per backend: a gloo process group is set up once per process.
-        with WorkerGroup.start(world, worker_cls=ReduceBenchWorker) as group:
+        with WorkerGroup.start(world, worker_cls=ReduceBenchWorker, **placement) as group:
             for size_mb in sizes_mb:
                 n = size_mb * MB // 4
                 for num_slots, ordered in ((world, False), (DETERMINISTIC_SLOTS, True)):

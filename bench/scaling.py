@@ -1,10 +1,10 @@
 """Data-parallel throughput: 1 worker against 2, and against PyTorch DDP over gloo.
 
-    python bench/scaling.py [--batches 128 512] [--steps 20] [--cores 2]
+    python bench/scaling.py [--batches 128 512] [--steps 20] [--threads 1]
 
-The model is the MLP 784-1024-1024-10 with Adam, on random data. Every
-configuration gets the same ``--cores``: one worker uses them all as BLAS
-threads, two workers one share each. trainq runs its real training step
+The model is the MLP 784-1024-1024-10 with Adam, on random data. Every worker
+(and every PyTorch process) gets ``--threads`` BLAS threads, so 2 workers use
+twice the cores of one. trainq runs its real training step
 (``workers.worker.TrainWorker.train_step``) in a Ray worker group, in
 deterministic mode (8 micro-shards summed in order) and in fast mode (one
 forward/backward per worker); PyTorch runs one process, and DDP two processes
@@ -70,7 +70,7 @@ class BenchWorker(TrainWorker):
         self._limits = threadpool_limits(limits=threads)
 
 
-def trainq(workers: int, batch: int, steps: int, cores: int, deterministic: bool) -> dict:
+def trainq(workers: int, batch: int, steps: int, threads: int, deterministic: bool) -> dict:
     X, y = data(batch, steps)
     refs = {
         "X_train": ray.put(X),
@@ -78,7 +78,6 @@ def trainq(workers: int, batch: int, steps: int, cores: int, deterministic: bool
         "X_val": ray.put(X[:0]),
         "y_val": ray.put(y[:0]),
     }
-    threads = max(cores // workers, 1)
     with WorkerGroup.start(workers, worker_cls=BenchWorker, num_cpus_per_worker=threads) as group:
         group.execute("set_threads", threads)
         group.execute(
@@ -134,20 +133,20 @@ def torch_steps(model: Any, X: np.ndarray, y: np.ndarray, batch: int, steps: int
     return time.perf_counter() - started
 
 
-def torch_single(batch: int, steps: int, cores: int) -> dict:
+def torch_single(batch: int, steps: int, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(cores)
+    torch.set_num_threads(threads)
     X, y = data(batch, steps)
     elapsed = torch_steps(torch_model(), X, y, batch, steps)
     return {"samples_per_s": batch * steps / elapsed, "allreduce_share": 0.0}
 
 
-def _ddp_rank(rank: int, world: int, port: int, batch: int, steps: int, cores: int, out: Any):
+def _ddp_rank(rank: int, world: int, port: int, batch: int, steps: int, threads: int, out: Any):
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(max(cores // world, 1))
+    torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -168,7 +167,7 @@ def _ddp_rank(rank: int, world: int, port: int, batch: int, steps: int, cores: i
     dist.destroy_process_group()
 
 
-def torch_ddp(world: int, batch: int, steps: int, cores: int) -> dict:
+def torch_ddp(world: int, batch: int, steps: int, threads: int) -> dict:
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
@@ -177,7 +176,7 @@ def torch_ddp(world: int, batch: int, steps: int, cores: int) -> dict:
     context = mp.get_context("spawn")
     out = context.Queue()
     processes = [
-        context.Process(target=_ddp_rank, args=(r, world, port, batch, steps, cores, out))
+        context.Process(target=_ddp_rank, args=(r, world, port, batch, steps, threads, out))
         for r in range(world)
     ]
     for p in processes:
@@ -193,29 +192,29 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads per worker")
     args = parser.parse_args()
     ray.init(
         address="local",
-        num_cpus=max(args.cores, 2),
+        num_cpus=max(2 * args.threads, os.cpu_count() or 2),
         include_dashboard=False,
         logging_level=logging.ERROR,
         log_to_driver=False,
     )
-    steps, cores = args.steps, args.cores
+    steps, threads = args.steps, args.threads
     print(
-        f"MLP 784-1024-1024-10, Adam, {cores} cores, {steps} timed steps, "
+        f"MLP 784-1024-1024-10, Adam, {threads} thread(s) per worker, {steps} timed steps, "
         f"median of {args.rounds} rounds"
     )
     print(f"{'batch':>5}  {'configuration':<34} {'samples/s':>10} {'all-reduce':>10}")
     for batch in args.batches:
         configurations: dict[str, Callable[[], dict]] = {
-            "trainq 1 worker, deterministic": partial(trainq, 1, batch, steps, cores, True),
-            "trainq 1 worker, fast": partial(trainq, 1, batch, steps, cores, False),
-            "trainq 2 workers, deterministic": partial(trainq, 2, batch, steps, cores, True),
-            "trainq 2 workers, fast": partial(trainq, 2, batch, steps, cores, False),
-            "pytorch 1 process": partial(torch_single, batch, steps, cores),
-            "pytorch DDP 2 processes (gloo)": partial(torch_ddp, 2, batch, steps, cores),
+            "trainq 1 worker, deterministic": partial(trainq, 1, batch, steps, threads, True),
+            "trainq 1 worker, fast": partial(trainq, 1, batch, steps, threads, False),
+            "trainq 2 workers, deterministic": partial(trainq, 2, batch, steps, threads, True),
+            "trainq 2 workers, fast": partial(trainq, 2, batch, steps, threads, False),
+            "pytorch 1 process": partial(torch_single, batch, steps, threads),
+            "pytorch DDP 2 processes (gloo)": partial(torch_ddp, 2, batch, steps, threads),
         }
         runs: dict[str, list[dict]] = {name: [] for name in configurations}
         names = list(configurations)

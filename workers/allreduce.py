@@ -17,9 +17,11 @@ Backends:
     Workers on one node meet in a shared-memory segment: each writes its slot
     rows, then each sums its share of the elements over all slots in slot
     order, then each copies the whole result out. Across nodes only the lowest
-    rank of each node (its leader) talks: leaders swap slot rows so that each
-    sums one chunk of the elements (a reduce-scatter that keeps slot order),
-    then swap the summed chunks (an all-gather), through Ray's object store.
+    rank of each node (its leader) talks. Where gloo is installed the leaders
+    form a gloo group and all-gather their nodes' slot rows, each then summing
+    them in slot order. Otherwise they swap slot rows through Ray's object store
+    so that each sums one chunk of the elements (a reduce-scatter that keeps slot
+    order), then swap the summed chunks (an all-gather).
 ``gloo``
     ``ray.util.collective`` with its gloo backend, which in Ray 2.60 is
     ``torch.distributed`` (``TorchGLOOGroup``; it needs torch, not pygloo).
@@ -163,9 +165,10 @@ class AllReduce:
         """
         return None
 
-    def reduce_resident(self, num_slots: int) -> bool:
-        """Sum the resident slot rows into the result row, in slot order; returns
-        whether every element of the sum is finite."""
+    def reduce_resident(self, num_slots: int, *, ordered: bool = True) -> bool:
+        """Sum the resident slot rows into the result row, in slot order (unless
+        ``ordered=False``, as in :meth:`reduce`); returns whether every element of the
+        sum is finite."""
         raise NotImplementedError
 
     def shared_views(self) -> SharedRows | None:
@@ -215,6 +218,9 @@ class AllReduceSetup:
     timeout_s: float = ALLREDUCE_TIMEOUT_S
     #: Shared memory keeps whole rows when all of them take no more than this.
     resident_max_bytes: int = ALLREDUCE_RESIDENT_MAX_BYTES
+    #: How the ``ray`` backend's node leaders talk: ``gloo`` or ``ray`` (the object
+    #: store); None picks gloo where it is installed.
+    leader_link: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -241,6 +247,9 @@ def make_allreduce(
     if setup.backend == "ray":
         rows = setup.num_slots + 1 + shared_rows
         resident = rows * vector_size * np.dtype(dtype).itemsize <= setup.resident_max_bytes
+        leader_link = setup.leader_link or (
+            "gloo" if backend_unavailable_reason("gloo") is None else "ray"
+        )
         backend = SharedMemoryAllReduce(
             rank=rank,
             topology=Topology.from_node_ids(setup.node_ids),
@@ -253,6 +262,7 @@ def make_allreduce(
             timeout_s=setup.timeout_s,
             resident=resident,
             shared_rows=shared_rows if resident else 0,
+            leader_link=leader_link,
         )
         backend.create()
         return backend
@@ -408,6 +418,7 @@ class SharedMemoryAllReduce(AllReduce):
         timeout_s: float = ALLREDUCE_TIMEOUT_S,
         resident: bool = False,
         shared_rows: int = 0,
+        leader_link: str = "ray",
     ) -> None:
         super().__init__(
             rank=rank,
@@ -433,7 +444,12 @@ class SharedMemoryAllReduce(AllReduce):
             halves=1 if self.resident else 2,
             shared_rows=shared_rows if self.resident else 0,
         )
-        if topology.num_nodes > 1 and exchange is None:
+        if leader_link not in ("ray", "gloo"):
+            raise ValueError(f"unknown leader link {leader_link!r}; expected 'ray' or 'gloo'")
+        self.leader_link = leader_link if topology.num_nodes > 1 else "ray"
+        self._leader_group = f"{segment_prefix}-leaders"
+        self._leader_group_open = False
+        if topology.num_nodes > 1 and self.leader_link == "ray" and exchange is None:
             raise ValueError("a group on several nodes needs an exchange between node leaders")
         self._exchange = exchange
         self._shm: shared_memory.SharedMemory | None = None
@@ -443,12 +459,28 @@ class SharedMemoryAllReduce(AllReduce):
     # --- setup ------------------------------------------------------------------------
 
     def create(self) -> None:
-        """First phase: the leader of each node makes its node's segment."""
+        """First phase: the leader of each node makes its node's segment (and, over
+        gloo, joins the other leaders: every rank runs this phase at the same time)."""
         if self.is_leader:
             self._shm = shared_memory.SharedMemory(
                 name=self.segment_name, create=True, size=self.layout.size
             )
             np.ndarray((self.layout.local_size,), np.int64, self._shm.buf)[:] = 0
+            if self.leader_link == "gloo":
+                reason = backend_unavailable_reason("gloo")
+                if reason is not None:
+                    raise BackendUnavailableError(reason)
+                from ray.util import collective
+                from ray.util.collective.types import Backend
+
+                collective.init_collective_group(
+                    self.topology.num_nodes,
+                    self.node,
+                    backend=Backend("gloo"),
+                    group_name=self._leader_group,
+                    gloo_timeout=int(self.timeout_s * 1000),
+                )
+                self._leader_group_open = True
 
     def attach(self) -> None:
         if not self.is_leader:
@@ -494,7 +526,7 @@ class SharedMemoryAllReduce(AllReduce):
         for row, slot in zip(rows, owned_slots(self.rank, self.world_size, num_slots), strict=True):
             slots[slot, :n] = row
         self._barrier.wait()
-        self._sum_segment(slots, result, num_slots, n)
+        self._sum_segment(slots, result, num_slots, n, ordered)
         self._barrier.wait()
         out[...] = result[:n]
 
@@ -516,19 +548,23 @@ class SharedMemoryAllReduce(AllReduce):
             wait=self._barrier.wait,
         )
 
-    def reduce_resident(self, num_slots: int) -> bool:
+    def reduce_resident(self, num_slots: int, *, ordered: bool = True) -> bool:
         if not self.resident:
             raise RuntimeError("this all-reduce copies rows; call reduce()")
         if num_slots > self.num_slots:
             raise ValueError(f"segment holds {self.num_slots} slots, asked for {num_slots}")
         self._barrier.wait()
-        finite = self._sum_segment(self._slots[0], self._results[0], num_slots, self.vector_size)
+        finite = self._sum_segment(
+            self._slots[0], self._results[0], num_slots, self.vector_size, ordered
+        )
         # Read only after the next barrier, and written again only after the one after it.
         self._finite[self.local_index] = finite
         self._barrier.wait()
         return bool(self._finite.min())
 
-    def _sum_segment(self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int) -> bool:
+    def _sum_segment(
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
+    ) -> bool:
         """This rank's part of the sum of the slot rows (on one node, one chunk of the
         elements; across nodes, the leader does it all); whether that part is finite."""
         if self.topology.num_nodes == 1:
@@ -536,17 +572,17 @@ class SharedMemoryAllReduce(AllReduce):
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
             return _blocked_sum(slots[:num_slots, lo:hi], result[lo:hi])
         if self.is_leader:
-            self._reduce_across_nodes(slots, result, num_slots, n)
+            self._reduce_across_nodes(slots, result, num_slots, n, ordered)
             return bool(np.isfinite(result[:n]).all())
         return True
 
     def _reduce_across_nodes(
-        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
     ) -> None:
-        """Leaders only: each sums one chunk over all slots, then all swap chunks."""
+        """Leaders only: each sums one chunk over all slots, then all swap chunks (or,
+        over gloo, all gather every slot row and sum them all)."""
         topology = self.topology
         nodes = topology.num_nodes
-        bounds = chunk_bounds(n, nodes)
         slots_of_node = [
             sorted(
                 s
@@ -555,6 +591,17 @@ class SharedMemoryAllReduce(AllReduce):
             )
             for node in range(nodes)
         ]
+        if self.leader_link == "gloo":
+            if ordered:
+                self._gather_across_nodes(slots, result, slots_of_node, n)
+            else:  # each node's sum, then gloo's own all-reduce
+                from ray.util import collective
+
+                total = ordered_sum(slots[slots_of_node[self.node], :n], np.empty(n, self.dtype))
+                collective.allreduce(total, group_name=self._leader_group)
+                result[:n] = total
+            return
+        bounds = chunk_bounds(n, nodes)
         mine = slots_of_node[self.node]
         outgoing = [
             np.ascontiguousarray(slots[mine, bounds[k] : bounds[k + 1]]) for k in range(nodes)
@@ -568,6 +615,23 @@ class SharedMemoryAllReduce(AllReduce):
         chunks = self._swap([chunk] * nodes)
         for node, block in enumerate(chunks):
             result[bounds[node] : bounds[node + 1]] = block
+
+    def _gather_across_nodes(
+        self, slots: np.ndarray, result: np.ndarray, slots_of_node: list[list[int]], n: int
+    ) -> None:
+        from ray.util import collective
+
+        per_node = max(len(node_slots) for node_slots in slots_of_node)
+        mine = slots_of_node[self.node]
+        send = np.zeros((per_node, n), self.dtype)
+        send[: len(mine)] = slots[mine, :n]
+        received = [np.empty_like(send) for _ in slots_of_node]
+        collective.allgather(received, send, group_name=self._leader_group)
+        rows: list[np.ndarray] = [np.empty(0)] * sum(len(x) for x in slots_of_node)
+        for block, node_slots in zip(received, slots_of_node, strict=True):
+            for index, slot in enumerate(node_slots):
+                rows[slot] = block[index]
+        ordered_sum(rows, result[:n])
 
     def _swap(self, outgoing: list[np.ndarray]) -> list[np.ndarray]:
         """Send ``outgoing[k]`` to the leader of node ``k``; receive one array from each."""
@@ -586,6 +650,11 @@ class SharedMemoryAllReduce(AllReduce):
             ) from None
 
     def close(self) -> None:
+        if self._leader_group_open:
+            from ray.util import collective
+
+            self._leader_group_open = False
+            collective.destroy_collective_group(self._leader_group)
         if self._shm is not None:
             self._slots, self._results = [], []
             self._shared = np.empty((0, 0), self.dtype)

@@ -248,7 +248,7 @@ class TrainWorker:
         started = time.perf_counter()
         total = self._sum
         if self.allreduce.resident_views() is not None:
-            finite = self.allreduce.reduce_resident(self.num_slots)
+            finite = self.allreduce.reduce_resident(self.num_slots, ordered=self.deterministic)
             if finite and self.job.training.grad_clip_norm is not None:
                 # Clipping scales the gradient in place: not the sum every rank reads.
                 self._private_sum[...] = total

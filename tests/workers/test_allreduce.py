@@ -73,6 +73,7 @@ def join(
     node_ids: list[str] | None = None,
     timeout_s: float = 30.0,
     resident_max_bytes: int = 0,
+    leader_link: str | None = None,
 ) -> None:
     """Set up ``group``'s probes with their own all-reduce (``node_ids`` may pretend
     that ranks on this machine live on different nodes)."""
@@ -84,10 +85,13 @@ def join(
         bucket_bytes=bucket_bytes,
         timeout_s=timeout_s,
         resident_max_bytes=resident_max_bytes,
+        leader_link=leader_link,
     )
     topology = Topology.from_node_ids(setup.node_ids)
     exchange = None
-    if backend == "ray" and topology.num_nodes > 1:
+    # Without a link named, the leaders use gloo where it is installed.
+    link = leader_link or ("gloo" if backend_unavailable_reason("gloo") is None else "ray")
+    if backend == "ray" and topology.num_nodes > 1 and link == "ray":
         exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(topology.num_nodes)
     for phase in ("create", "attach", "seal"):
         group.execute(
@@ -149,8 +153,9 @@ def test_allreduce_sums_slots_in_slot_order(
 
 
 @pytest.mark.parametrize("node_ids", [["a", "b", "a", "b"], ["a", "a", "b"], ["a", "b"]])
+@pytest.mark.parametrize("leader_link", ["ray", available("gloo")])
 def test_leaders_reduce_across_nodes_in_slot_order(
-    node_ids: list[str], rng: np.random.Generator
+    node_ids: list[str], leader_link: str, rng: np.random.Generator
 ) -> None:
     with WorkerGroup.start(len(node_ids), worker_cls=ReduceProbe) as group:
         for bucket_bytes in (8, 1 << 16):
@@ -161,9 +166,11 @@ def test_leaders_reduce_across_nodes_in_slot_order(
                 vector_size=3001,
                 bucket_bytes=bucket_bytes,
                 node_ids=node_ids,
+                leader_link=leader_link,
             )
             check_reduce(group, rng, num_slots=8, n=3001 if bucket_bytes > 8 else 37)
             check_reduce(group, rng, num_slots=len(node_ids), n=5)
+            check_reduce(group, rng, num_slots=len(node_ids), n=3001, ordered=False)
 
 
 @pytest.mark.parametrize(
