@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.artifacts import ArtifactStore
 from service.db import make_engine, make_sessionmaker
-from service.jobs import Limits
+from service.jobs import Limits, SubmissionCache
 from service.settings import Settings
 
 
@@ -23,6 +23,8 @@ class ServiceContext:
     cluster_workers: int | None = None
     #: Whether /readyz must also see Ray (embedded mode and dispatchers).
     needs_ray: bool = False
+    #: Dataset resolutions and parameter counts that validating submissions reuses.
+    submissions: SubmissionCache = field(default_factory=SubmissionCache)
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod

@@ -6,9 +6,10 @@ import csv
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, ScalarSelect, Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.data import (
@@ -169,18 +170,45 @@ def create_version(
 
 def visible(team: Team) -> ColumnElement[bool]:
     """Datasets a team may use: its own and the built-ins."""
-    return or_(DatasetVersion.team_id == team.id, DatasetVersion.team_id.is_(None))
+    return _visible_to(team.id)
+
+
+def _visible_to(team_id: int | ColumnElement[int]) -> ColumnElement[bool]:
+    return or_(DatasetVersion.team_id == team_id, DatasetVersion.team_id.is_(None))
+
+
+def _resolution(
+    column: Any,
+    *,
+    team_id: int | ColumnElement[int],
+    name: str | ColumnElement[str],
+    version: int | ColumnElement[int] | None,
+) -> Select[tuple[Any]]:
+    query = select(column).where(_visible_to(team_id), DatasetVersion.name == name)
+    if version is not None:
+        query = query.where(DatasetVersion.version == version)
+    # the team's own uploads first, then the newest version
+    return query.order_by(DatasetVersion.team_id.is_(None), DatasetVersion.version.desc()).limit(1)
 
 
 def resolve_version(
     *, session: Session, team: Team, name: str, version: int | None
 ) -> DatasetVersion | None:
     """``name`` at ``version``, or its latest version; a team's upload shadows a built-in."""
-    query = select(DatasetVersion).where(visible(team), DatasetVersion.name == name)
-    if version is not None:
-        query = query.where(DatasetVersion.version == version)
-    query = query.order_by(DatasetVersion.team_id.is_(None), DatasetVersion.version.desc())
-    return session.scalars(query.limit(1)).first()
+    query = _resolution(DatasetVersion, team_id=team.id, name=name, version=version)
+    return session.scalars(query).first()
+
+
+def resolved_id(
+    *,
+    team_id: int | ColumnElement[int],
+    name: str | ColumnElement[str],
+    version: int | ColumnElement[int] | None,
+) -> ScalarSelect[Any]:
+    """The id of the version :func:`resolve_version` picks, as a subquery: a statement
+    that acts on a resolution made earlier checks with it that it still holds."""
+    query = _resolution(DatasetVersion.id, team_id=team_id, name=name, version=version)
+    return query.scalar_subquery()
 
 
 def list_versions(*, session: Session, team: Team, name: str | None = None) -> list[DatasetVersion]:

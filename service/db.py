@@ -7,13 +7,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-#: Connections per process: the API runs sync routes on a pool of 40 threads.
-POOL_SIZE = 10
-POOL_MAX_OVERFLOW = 40
+#: Connections per process, kept open: one for each of the 40 threads that run the
+#: API's blocking work (anyio's default), so that a burst of requests does not open
+#: and close PostgreSQL connections (a server process each); the overflow is for
+#: requests that hold a connection while they wait for a thread.
+POOL_SIZE = 40
+POOL_MAX_OVERFLOW = 10
 POOL_RECYCLE_S = 300
 
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
@@ -83,6 +86,21 @@ def write_lock_session(factory: sessionmaker[Session]) -> Iterator[Session]:
     with factory() as session:
         session.connection(execution_options={SQLITE_IMMEDIATE: True})
         yield session
+
+
+def begin_single_write(session: Session) -> Connection:
+    """Start a transaction for a write that is one statement; its connection.
+
+    On PostgreSQL the connection autocommits: the statement is its own
+    transaction, with no BEGIN and COMMIT round trips around it. On SQLite it is
+    :func:`begin_write`'s transaction, which holds the write lock from its start.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        begin_write(session)
+        return session.connection()
+    if session.in_transaction():
+        session.commit()
+    return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def begin_write(session: Session) -> None:

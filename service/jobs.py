@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, bindparam, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core import SpecError, parse_job_spec, summarize
+from core import JobSpec, SpecError, parse_job_spec, summarize
 from service import queue
-from service.datasets import resolve_version
-from service.db import begin_write
+from service.datasets import resolve_version, resolved_id
+from service.db import begin_single_write, begin_write, utcnow
 from service.errors import Conflict, Invalid, NotFound
-from service.models import Attempt, Job, JobStatus, Team
+from service.models import Attempt, DatasetVersion, Job, JobStatus, Team
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,63 @@ class Limits:
     max_total_params: int
     #: Workers the cluster can ever give a job; None when unknown.
     cluster_workers: int | None
+
+
+@dataclass(frozen=True)
+class ChosenDataset:
+    """What a submission needs of the dataset version its spec resolved to."""
+
+    id: int
+    name: str
+    version: int
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+
+
+#: Entries each map of a :class:`SubmissionCache` holds before it starts over.
+SUBMISSION_CACHE_ENTRIES = 4096
+#: Times a submission resolves its dataset again when an upload moved it meanwhile.
+SUBMIT_TRIES = 3
+
+
+class SubmissionCache:
+    """What validating submissions looks up again and again, kept per process.
+
+    Dataset versions are immutable rows, but which one a name resolves to changes
+    when a team uploads: the INSERT resolves the name again in the same statement
+    and stores nothing when the cached choice no longer holds, and the submission
+    then resolves it afresh. Parameter counts depend only on the model spec and
+    the dataset's shapes.
+    """
+
+    def __init__(self) -> None:
+        self._datasets: dict[tuple[int, str, int | None], ChosenDataset] = {}
+        self._params: dict[tuple[str, tuple[int, ...], int | None], int] = {}
+
+    def dataset(self, team_id: int, name: str, version: int | None) -> ChosenDataset | None:
+        return self._datasets.get((team_id, name, version))
+
+    def keep_dataset(
+        self, team_id: int, name: str, version: int | None, chosen: ChosenDataset
+    ) -> None:
+        if len(self._datasets) >= SUBMISSION_CACHE_ENTRIES:
+            self._datasets.clear()
+        self._datasets[(team_id, name, version)] = chosen
+
+    def forget_dataset(self, team_id: int, name: str, version: int | None) -> None:
+        self._datasets.pop((team_id, name, version), None)
+
+    def params(self, spec: JobSpec, stored: dict[str, Any], dataset: ChosenDataset) -> int:
+        """Total parameters of the job's model (``stored`` is its spec as stored) on
+        ``dataset``; raises :class:`SpecError` when the layers do not fit its shapes."""
+        key = (json.dumps(stored["model"]), dataset.input_shape, dataset.num_classes)
+        params = self._params.get(key)
+        if params is None:
+            params = summarize(spec.model, dataset.input_shape, dataset.num_classes).params
+            if len(self._params) >= SUBMISSION_CACHE_ENTRIES:
+                self._params.clear()
+            self._params[key] = params
+        return params
 
 
 def _invalid_spec(exc: SpecError) -> Invalid:
@@ -35,31 +94,70 @@ def create_job(
     body: dict[str, Any],
     limits: Limits,
     idempotency_key: str | None = None,
+    cache: SubmissionCache | None = None,
 ) -> tuple[Job, bool]:
     """Validate and enqueue a job; returns ``(job, created)``.
 
     With an ``idempotency_key`` a retried request returns the job the first one
-    created. Nothing is stored unless the whole spec is valid.
+    created. Nothing is stored unless the whole spec is valid. The job is stored
+    by one statement, which also checks the dataset resolution (and, with a key,
+    that the key is new).
     """
     try:
         spec = parse_job_spec(body)
     except SpecError as exc:
         raise _invalid_spec(exc) from None
-    dataset = resolve_version(
+    stored = spec.model_dump(mode="json")
+    cache = cache if cache is not None else SubmissionCache()
+    wanted = (team.id, spec.dataset.name, spec.dataset.version)
+    for _ in range(SUBMIT_TRIES):
+        dataset = cache.dataset(*wanted)
+        if dataset is None:
+            dataset = _choose_dataset(session, team, spec)
+            cache.keep_dataset(*wanted, dataset)
+        _check_limits(spec, stored, dataset, limits, cache)
+        job = _insert_job(session, team, spec, stored, dataset, idempotency_key)
+        if job is not None:
+            return job, True
+        if idempotency_key is not None:
+            existing = _by_idempotency_key(session, team, idempotency_key)
+            if existing is not None:
+                return _same_request(existing, stored), False
+        cache.forget_dataset(*wanted)  # an upload changed what the name resolves to
+    raise Conflict(f"dataset {spec.dataset.name!r} kept changing; submit the job again")
+
+
+def _choose_dataset(session: Session, team: Team, spec: JobSpec) -> ChosenDataset:
+    version = resolve_version(
         session=session, team=team, name=spec.dataset.name, version=spec.dataset.version
     )
-    if dataset is None:
+    if version is None:
         what = f"version {spec.dataset.version} of " if spec.dataset.version else ""
         raise Invalid(("body", "dataset", "name"), f"no {what}dataset named {spec.dataset.name!r}")
+    return ChosenDataset(
+        id=version.id,
+        name=version.name,
+        version=version.version,
+        input_shape=tuple(version.input_shape),
+        num_classes=version.num_classes,
+    )
+
+
+def _check_limits(
+    spec: JobSpec,
+    stored: dict[str, Any],
+    dataset: ChosenDataset,
+    limits: Limits,
+    cache: SubmissionCache,
+) -> None:
     try:
-        summary = summarize(spec.model, tuple(dataset.input_shape), dataset.num_classes)
+        params = cache.params(spec, stored, dataset)
     except SpecError as exc:
         raise _invalid_spec(exc) from None
-    if summary.params > limits.max_total_params:
+    if params > limits.max_total_params:
         raise Invalid(
             ("body", "model", "layers"),
-            f"the model has {summary.params:,} parameters; the limit is "
-            f"{limits.max_total_params:,}",
+            f"the model has {params:,} parameters; the limit is {limits.max_total_params:,}",
         )
     if limits.cluster_workers is not None and spec.resources.workers > limits.cluster_workers:
         raise Invalid(
@@ -67,32 +165,94 @@ def create_job(
             f"the job needs {spec.resources.workers} workers but the cluster can give at most "
             f"{limits.cluster_workers}",
         )
-    begin_write(session)
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session, team, idempotency_key)
-        if existing is not None:
-            return _same_request(existing, body), False
-    job = Job(
-        team_id=team.id,
-        name=spec.name,
-        status=JobStatus.queued,
-        spec=spec.model_dump(mode="json"),
-        dataset_name=dataset.name,
-        dataset_version=dataset.version,
-        priority=spec.priority,
-        max_retries=spec.max_retries,
-        idempotency_key=idempotency_key,
+
+
+#: Columns a submission sets; the others start NULL.
+_SUBMITTED = (
+    "team_id",
+    "name",
+    "status",
+    "spec",
+    "dataset_name",
+    "dataset_version",
+    "priority",
+    "max_retries",
+    "attempts",
+    "idempotency_key",
+    "cancel_requested",
+    "available_at",
+    "created_at",
+)
+
+
+@functools.cache
+def _insert_statement(dialect: str, by_version: bool, keyed: bool) -> Any:
+    """``INSERT INTO jobs ... SELECT ... RETURNING id``, storing nothing unless the
+    dataset the submission was validated against is still the one its name resolves
+    to (and, when ``keyed``, unless the team used the idempotency key already).
+    Built once per shape: its parameters are bound by name."""
+    jobs = Job.metadata.tables[Job.__tablename__]
+    params = {name: bindparam(name, type_=jobs.c[name].type) for name in _SUBMITTED}
+    chosen = (
+        select(*params.values())
+        .select_from(DatasetVersion)
+        .where(
+            DatasetVersion.id == bindparam("dataset_id"),
+            # the chosen version's name is the one asked for, and so is its number
+            # when the spec named one
+            DatasetVersion.id
+            == resolved_id(
+                team_id=params["team_id"],
+                name=params["dataset_name"],
+                version=params["dataset_version"] if by_version else None,
+            ),
+        )
     )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        existing = _by_idempotency_key(session, team, idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return _same_request(existing, body), False
-    return job, True
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
+    statement = statement.from_select(list(_SUBMITTED), chosen)
+    if keyed:
+        statement = statement.on_conflict_do_nothing(index_elements=["team_id", "idempotency_key"])
+    return statement.returning(jobs.c.id)
+
+
+def _insert_job(
+    session: Session,
+    team: Team,
+    spec: JobSpec,
+    stored: dict[str, Any],
+    dataset: ChosenDataset,
+    idempotency_key: str | None,
+) -> Job | None:
+    """The new job, or None when it was not stored (see :func:`_insert_statement`)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "team_id": team.id,
+        "name": spec.name,
+        "status": JobStatus.queued,
+        "spec": stored,
+        "dataset_name": dataset.name,
+        "dataset_version": dataset.version,
+        "priority": spec.priority,
+        "max_retries": spec.max_retries,
+        "attempts": 0,
+        "idempotency_key": idempotency_key,
+        "cancel_requested": False,
+        "available_at": now,
+        "created_at": now,
+    }
+    statement = _insert_statement(
+        session.get_bind().dialect.name,
+        spec.dataset.version is not None,
+        idempotency_key is not None,
+    )
+    connection = begin_single_write(session)
+    job_id = connection.execute(statement, values | {"dataset_id": dataset.id}).scalar()
+    session.commit()
+    if job_id is None:
+        return None
+    return Job(
+        id=job_id, error=None, final_metrics=None, started_at=None, finished_at=None, **values
+    )
 
 
 def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
@@ -101,12 +261,8 @@ def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
     ).first()
 
 
-def _same_request(job: Job, body: dict[str, Any]) -> Job:
-    try:
-        spec = parse_job_spec(body).model_dump(mode="json")
-    except SpecError:
-        spec = None
-    if spec is not None and spec != job.spec:
+def _same_request(job: Job, stored: dict[str, Any]) -> Job:
+    if stored != job.spec:
         raise Conflict("this Idempotency-Key was used for a different job spec")
     return job
 

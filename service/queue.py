@@ -9,12 +9,24 @@ the stale attempt's writes change nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -285,6 +297,35 @@ def _insert_for(session: Session) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+@functools.cache
+def _metrics_from_arrays() -> Any:
+    """``INSERT INTO metrics ... SELECT ... FROM unnest(:names, :steps, :values)``,
+    keeping a row that exists already."""
+    metrics = Metric.metadata.tables[Metric.__tablename__]
+    arrays = (
+        func.unnest(
+            bindparam("names", type_=postgresql.ARRAY(String)),
+            bindparam("steps", type_=postgresql.ARRAY(BigInteger)),
+            bindparam("values", type_=postgresql.ARRAY(Float)),
+        )
+        .table_valued("name", "step", "value")
+        .render_derived()
+    )
+    rows = select(
+        bindparam("job_id", type_=Integer),
+        arrays.c.name,
+        arrays.c.step,
+        arrays.c.value,
+        bindparam("attempt", type_=Integer),
+        bindparam("created_at", type_=DateTime()),
+    ).select_from(arrays)
+    return (
+        postgresql.insert(metrics)
+        .from_select(["job_id", "name", "step", "value", "attempt", "created_at"], rows)
+        .on_conflict_do_nothing(index_elements=["job_id", "name", "step"])
+    )
+
+
 def write_metrics(
     *,
     session_factory: sessionmaker[Session],
@@ -295,24 +336,42 @@ def write_metrics(
     """Insert ``(name, step, value)`` rows for a running attempt; a row that exists
     already (an epoch redone after a resume) is kept as it was. False when the
     attempt no longer owns the job (nothing is written then)."""
-    values = [
-        {
-            "job_id": job_id,
-            "name": name,
-            "step": int(step),
-            "value": float(value),
-            "attempt": attempt,
-        }
-        for name, step, value in rows
-    ]
+    batch = list(rows)
     with write_lock_session(session_factory) as session:
         if not _still_owns(session, job_id, attempt):
             return False
-        if values:
-            statement = _insert_for(session)(Metric).on_conflict_do_nothing(
+        if batch and session.get_bind().dialect.name == "postgresql":
+            # One statement over three arrays: PostgreSQL inserts the batch as a set
+            # rather than row by row.
+            names, steps, values = zip(*batch, strict=True)
+            session.connection().execute(
+                _metrics_from_arrays(),
+                {
+                    "job_id": job_id,
+                    "attempt": attempt,
+                    "created_at": utcnow(),
+                    "names": list(names),
+                    "steps": [int(step) for step in steps],
+                    "values": [float(value) for value in values],
+                },
+            )
+        elif batch:
+            statement = sqlite.insert(Metric).on_conflict_do_nothing(
                 index_elements=["job_id", "name", "step"]
             )
-            # executemany: the drivers batch it (psycopg pipelines, sqlite3 loops in C).
-            session.connection().execute(statement, values)
+            # executemany: sqlite3 loops over the rows in C
+            session.connection().execute(
+                statement,
+                [
+                    {
+                        "job_id": job_id,
+                        "name": name,
+                        "step": int(step),
+                        "value": float(value),
+                        "attempt": attempt,
+                    }
+                    for name, step, value in batch
+                ],
+            )
         session.commit()
         return True

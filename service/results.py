@@ -7,8 +7,8 @@ import io
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy import BigInteger, Float, Select, cast, func, literal, select, text, true, union
+from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
 from service.models import Checkpoint, Job, Metric
@@ -53,9 +53,15 @@ def read_series(
             if head:
                 series[name] = [(int(step), float(value)) for step, value in head]
             continue
-        last = session.scalar(select(func.max(Metric.step)).where(*in_series))
-        assert last is not None  # the series has more than max_points rows
-        series[name] = _downsampled(session, where, name, int(head[0][0]), int(last), max_points)
+        tail = session.execute(
+            select(Metric.step, Metric.value)
+            .where(*in_series)
+            .order_by(Metric.step.desc())
+            .limit(1)
+        ).one()
+        first = (int(head[0][0]), float(head[0][1]))
+        last = (int(tail[0]), float(tail[1]))
+        series[name] = _downsampled(session, job.id, name, first, last, max_points)
     return dict(sorted(series.items()))
 
 
@@ -68,35 +74,83 @@ def _fetch(session: Session, where: list[Any]) -> Series:
 
 
 def _downsampled(
-    session: Session, where: list[Any], name: str, first: int, last: int, max_points: int
+    session: Session,
+    job_id: int,
+    name: str,
+    first: tuple[int, float],
+    last: tuple[int, float],
+    max_points: int,
 ) -> list[tuple[int, float]]:
-    buckets = max(1, (max_points - 2) // 2)
-    span = max(last - first + 1, 1)
-    in_series = [*where, Metric.name == name]
-    bucket = (Metric.step - first) * buckets // span
-    points: set[tuple[int, float]] = set()
+    """The points of the series ``name`` from step ``first`` to ``last`` (both kept)
+    that hold the minimum and the maximum of a bucket, the earliest one among equals.
+    Buckets are ranges of ``ceil(steps / ((max_points - 2) // 2))`` steps from ``first``."""
+    buckets = (max_points - 2) // 2
+    if buckets == 0:
+        return [first, last]
+    width = -(-(last[0] - first[0] + 1) // buckets)
+    of_series = (Metric.job_id == job_id, Metric.name == name)
     if session.get_bind().dialect.name == "sqlite":
-        # SQLite gives the bare column of the row that holds a MIN() or MAX().
-        for aggregate in (func.min, func.max):
-            rows = session.execute(
-                select(Metric.step, aggregate(Metric.value)).where(*in_series).group_by(bucket)
-            )
-            points.update((int(step), float(value)) for step, value in rows)
-    else:
-        labelled = select(Metric.step, Metric.value, bucket.label("bucket")).where(*in_series)
-        inner = labelled.subquery()
-        for order in (inner.c.value.asc(), inner.c.value.desc()):
-            rows = session.execute(
-                select(inner.c.step, inner.c.value)
-                .ext(distinct_on(inner.c.bucket))
-                .order_by(inner.c.bucket, order, inner.c.step)
-            )
-            points.update((int(step), float(value)) for step, value in rows)
-    ends = session.execute(
-        select(Metric.step, Metric.value).where(*in_series, Metric.step.in_([first, last]))
+        return _downsampled_sqlite(session, of_series, first[0], last[0], width)
+    # PostgreSQL aggregates each bucket's range of the primary key on its own (a
+    # plan that needs no statistics, and no sort or hash of the whole series): the
+    # smallest (value, step) pair of a bucket is its minimum, the largest
+    # (value, -step) pair its maximum. JIT compiling would cost more than the query.
+    session.execute(text("SET LOCAL jit = off"))
+    count = -(-(last[0] - first[0] + 1) // width)
+    bucket = func.generate_series(0, count - 1).table_valued("index").render_derived()
+    start = literal(first[0], BigInteger) + bucket.c.index * width
+    extremes = (
+        select(
+            func.min(array([Metric.value, cast(Metric.step, Float)])).label("low"),
+            func.max(array([Metric.value, cast(-Metric.step, Float)])).label("high"),
+        )
+        .where(*of_series, Metric.step >= start, Metric.step < start + width)
+        .lateral("extremes")
     )
-    points.update((int(step), float(value)) for step, value in ends)
+    rows = session.execute(
+        select(extremes.c.low, extremes.c.high).select_from(bucket.join(extremes, true()))
+    )
+    points = {first, last}
+    for low, high in rows:
+        if low is not None:  # an empty bucket
+            points.add((int(low[1]), float(low[0])))
+            points.add((-int(high[1]), float(high[0])))
     return sorted(points)
+
+
+def _downsampled_sqlite(
+    session: Session, of_series: tuple[Any, ...], first: int, last: int, width: int
+) -> list[tuple[int, float]]:
+    # Each bucket is a range of the primary key: SQLite reads it twice, once for the
+    # row that holds its MIN() and once for the MAX() (a bare column takes the value
+    # of that row, of the first such row among equals), with no sort at all.
+    buckets = select(literal(first, BigInteger).label("start")).cte("buckets", recursive=True)
+    buckets = buckets.union_all(
+        select((buckets.c.start + width).label("start")).where(buckets.c.start + width <= last)
+    )
+    in_bucket = (
+        *of_series,
+        Metric.step >= buckets.c.start,
+        Metric.step < buckets.c.start + width,
+    )
+
+    def each_bucket(aggregate: Any) -> Select[Any]:
+        holder = select(Metric.step, aggregate(Metric.value)).where(*in_bucket)
+        holder_row = holder.correlate(buckets).subquery()
+        return select(select(holder_row.c.step).scalar_subquery()).select_from(buckets)
+
+    steps = union(
+        each_bucket(func.min),
+        each_bucket(func.max),
+        select(literal(first, BigInteger)),
+        select(literal(last, BigInteger)),
+    ).cte("kept")
+    rows = session.execute(
+        select(Metric.step, Metric.value)
+        .where(*of_series, Metric.step.in_(select(steps.c[0])))
+        .order_by(Metric.step)
+    )
+    return [(int(step), float(value)) for step, value in rows]
 
 
 def series_csv(series: Series) -> str:

@@ -18,7 +18,7 @@ from service.models import Team
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:  # async: no thread for a lookup
     context: ServiceContext = request.app.state.context
     return context
 
@@ -27,19 +27,23 @@ ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
 async def get_session(context: ContextDep) -> AsyncIterator[Session]:
-    # Opening a session touches no connection; closing one may (it returns the
-    # connection to the pool), so that part runs off the event loop.
+    # Opening a session touches no connection; closing one that holds a connection
+    # returns it to the pool, which may talk to the database, so that part runs off
+    # the event loop. A session whose work committed holds none.
     session = context.session_factory()
     try:
         yield session
     finally:
-        await run_in_threadpool(session.close)
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(context: ContextDep) -> ArtifactStore:
+async def get_store(context: ContextDep) -> ArtifactStore:
     return context.store
 
 
@@ -58,13 +62,19 @@ async def get_team(
         )
     team = cached_team(credentials.credentials)
     if team is None:
-        team = await run_in_threadpool(
-            team_for_token, session=session, token=credentials.credentials
-        )
+        team = await run_in_threadpool(_verify, session, credentials.credentials)
     if team is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"}
         )
+    return team
+
+
+def _verify(session: Session, token: str) -> Team | None:
+    team = team_for_token(session=session, token=token)
+    # End the read, so that the request holds no connection while it waits for
+    # its body or for a thread.
+    session.commit()
     return team
 
 

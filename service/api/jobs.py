@@ -53,6 +53,7 @@ async def submit_job(
         body=body,
         limits=context.limits,
         idempotency_key=idempotency_key,
+        cache=context.submissions,
     )
     if not created:
         response.status_code = status.HTTP_200_OK

@@ -85,6 +85,48 @@ def test_npz_upload_makes_versions_and_a_job_can_train_on_it(api: Api) -> None:
     assert api.client.post("/api/v1/jobs", json=spec, headers=api.b).status_code == 422
 
 
+def test_a_submission_after_an_upload_uses_the_new_version(api: Api) -> None:
+    """Submissions reuse dataset resolutions; an upload in between still counts."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    assert _post(api, _npz(X=X, y=y)).status_code == 201
+    spec = {
+        "name": "blobs-mlp",
+        "dataset": {"name": "blobs"},
+        "model": {"layers": [{"type": "dense", "units": 2}], "loss": "softmax_cross_entropy"},
+        "optimizer": {"type": "sgd", "lr": 0.1},
+    }
+    for expected_version in (1, 1, 2, 2):
+        if expected_version == 2 and _uploaded(api) == 1:
+            assert _post(api, _npz(X=X[:40], y=y[:40])).json()["version"] == 2
+        job = api.client.post("/api/v1/jobs", json=spec, headers=api.a)
+        assert job.status_code == 201 and job.json()["dataset_version"] == expected_version
+
+    # a team's upload shadows the built-in of the same name from the next submission on
+    conv = {
+        "name": "digits-cnn",
+        "dataset": {"name": "digits"},
+        "model": {
+            "layers": [
+                {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+                {"type": "flatten"},
+                {"type": "dense", "units": 10},
+            ],
+            "loss": "softmax_cross_entropy",
+        },
+        "optimizer": {"type": "sgd", "lr": 0.1},
+    }
+    assert api.client.post("/api/v1/jobs", json=conv, headers=api.a).status_code == 201
+    digits_labels = rng.integers(0, 10, size=80)
+    assert _post(api, _npz(X=X, y=digits_labels), name="digits").status_code == 201
+    refused = api.client.post("/api/v1/jobs", json=conv, headers=api.a)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"][:3] == ["body", "model", "layers"]
+    # the other team still gets the built-in
+    assert api.client.post("/api/v1/jobs", json=conv, headers=api.b).status_code == 201
+
+
 def test_csv_upload_with_a_label_column(api: Api) -> None:
     rows = ["a,b,label"] + [f"{i * 0.1:.1f},{-i * 0.2:.1f},{i % 3}" for i in range(30)]
     response = _post(api, "\n".join(rows).encode(), name="table", fmt="csv")

@@ -142,3 +142,24 @@ def test_tokens_are_stored_hashed(context: ServiceContext) -> None:
         assert token not in stored and len(stored) == 1
         assert team_for_token(session=session, token=token).id == team.id
         assert team_for_token(session=session, token=token + "x") is None
+
+
+def test_a_metrics_batch_keeps_the_first_of_a_repeated_row(context: ServiceContext) -> None:
+    (job_id,) = add_jobs(context, priorities=[0])
+    factory = context.session_factory
+    claimed = queue.claim_next_job(session_factory=factory, owner="d", lease_s=LEASE_S)
+    assert claimed is not None
+    rows = [("loss", 1, 3.0), ("acc", 1, 0.5), ("loss", 2, 2.0), ("loss", 1, 9.0)]
+    assert queue.write_metrics(session_factory=factory, job_id=job_id, attempt=1, rows=rows)
+    assert queue.write_metrics(session_factory=factory, job_id=job_id, attempt=1, rows=[])
+    with factory() as session:
+        stored = session.execute(
+            select(Metric.name, Metric.step, Metric.value, Metric.attempt)
+            .where(Metric.job_id == job_id)
+            .order_by(Metric.name, Metric.step)
+        ).all()
+    assert [tuple(row) for row in stored] == [
+        ("acc", 1, 0.5, 1),
+        ("loss", 1, 3.0, 1),
+        ("loss", 2, 2.0, 1),
+    ]

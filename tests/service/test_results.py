@@ -3,7 +3,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import pytest
+
 from service import queue
+from service.models import Job
+from service.results import read_series
 from tests.service.conftest import Api
 from tests.service.test_jobs_api import _job
 
@@ -36,6 +41,54 @@ def test_downsampling_keeps_first_last_and_extremes(api: Api) -> None:
     assert (4321, 99.0) in kept and (777, -99.0) in kept
     assert [s for s, _ in kept] == sorted({s for s, _ in kept})
     assert set(kept) <= set(points)
+
+
+def _reference_downsample(
+    points: list[tuple[int, float]], max_points: int
+) -> list[tuple[int, float]]:
+    """Each bucket's minimum and maximum (the earliest step among equal values) and
+    the ends, with buckets of ceil(steps / ((max_points - 2) // 2)) steps."""
+    if len(points) <= max_points:
+        return points
+    first, last = points[0][0], points[-1][0]
+    buckets = (max_points - 2) // 2
+    kept = {points[0], points[-1]}
+    if buckets:
+        width = -(-(last - first + 1) // buckets)
+        by_bucket: dict[int, list[tuple[int, float]]] = {}
+        for step, value in points:
+            by_bucket.setdefault((step - first) // width, []).append((step, value))
+        for members in by_bucket.values():
+            kept.add(min(members, key=lambda p: (p[1], p[0])))
+            kept.add(max(members, key=lambda p: (p[1], -p[0])))
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("max_points", [2, 3, 4, 7, 50, 333])
+def test_downsampling_matches_a_reference(api: Api, max_points: int) -> None:
+    job_id, attempt = _running_job(api)
+    rng = np.random.default_rng(max_points)
+    steps = np.sort(rng.choice(20_000, size=3_000, replace=False)) + 5
+    # few distinct values, so that buckets have ties for their extremes
+    values = rng.integers(-20, 20, size=len(steps)) / 4
+    points = [(int(s), float(v)) for s, v in zip(steps, values, strict=True)]
+    queue.write_metrics(
+        session_factory=api.context.session_factory,
+        job_id=job_id,
+        attempt=attempt,
+        rows=[("loss", step, value) for step, value in points]
+        + [("other", step, -value) for step, value in points[:100]],
+    )
+    since = points[400][0]
+    with api.context.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        whole = read_series(session=session, job=job, max_points=max_points)
+        after = read_series(session=session, job=job, since_step=since, max_points=max_points)
+    assert whole["loss"] == _reference_downsample(points, max_points)
+    assert whole["other"] == _reference_downsample([(s, -v) for s, v in points[:100]], max_points)
+    assert after["loss"] == _reference_downsample(points[401:], max_points)
+    assert all(len(series) <= max_points for series in (*whole.values(), *after.values()))
 
 
 def test_metrics_filters_downsampling_and_csv(api: Api) -> None:
