@@ -28,7 +28,7 @@ ALLREDUCE_BUCKET_BYTES = _env_int("ALLREDUCE_BUCKET_BYTES", 4 * 1024 * 1024)
 #: reduce bucket by bucket.
 ALLREDUCE_RESIDENT_MAX_BYTES = _env_int("ALLREDUCE_RESIDENT_MAX_BYTES", 1 << 30)
 #: Longest sleep between two looks at a shared-memory barrier (the wait backs off up to it).
-BARRIER_MAX_SLEEP_S = _env_float("BARRIER_MAX_SLEEP_S", 0.001)
+BARRIER_MAX_SLEEP_S = _env_float("BARRIER_MAX_SLEEP_S", 0.0002)
 #: How long a worker group may wait for its resources and for its actors to start.
 WORKER_STARTUP_TIMEOUT_S = _env_float("WORKER_STARTUP_TIMEOUT_S", 120.0)
 #: Pieces a global batch is cut into in deterministic mode, whatever the number of workers.
