@@ -168,17 +168,19 @@ class Trainer:
             total_steps=total_steps,
         )
         diagnostics = self._diagnostics
-        for layer, pairs in self._layer_params.items() if record else ():
-            norm_sq = sum(_squared_norm(g) for _, g in pairs)
-            diagnostics.grad_norm_sums[layer] = diagnostics.grad_norm_sums.get(layer, 0.0) + (
-                math.sqrt(norm_sq)
+        if record:
+            self.record_grad_norms(
+                {
+                    layer: sum(squared_norm(g) for _, g in pairs)
+                    for layer, pairs in self._layer_params.items()
+                }
             )
         diagnostics.steps += 1
         if self.training.grad_clip_norm is not None:
             clip_grad_norm((g for _, _, g in self.model.parameters()), self.training.grad_clip_norm)
         before = (
             {layer: [p.copy() for p, _ in pairs] for layer, pairs in self._layer_params.items()}
-            if diagnose and record
+            if diagnose
             else None
         )
         (update or opt.step)()
@@ -191,6 +193,13 @@ class Trainer:
                 )
                 size = sum(float((old * old).sum()) for old in before[layer])
                 diagnostics.update_ratios[layer] = math.sqrt(change) / max(math.sqrt(size), 1e-12)
+
+    def record_grad_norms(self, squared: dict[str, float]) -> None:
+        """Add one step's squared gradient norm of each layer to the epoch's diagnostics
+        (:meth:`apply_gradients` does, unless told not to record)."""
+        sums = self._diagnostics.grad_norm_sums
+        for layer, norm_sq in squared.items():
+            sums[layer] = sums.get(layer, 0.0) + math.sqrt(norm_sq)
 
     def train_step(
         self, x: Any, y: Any, *, steps_per_epoch: int, total_steps: int, diagnose: bool = False
@@ -323,10 +332,19 @@ class Trainer:
         self.load_state_dict(from_npz_bytes(data))
 
 
-def _squared_norm(array: Any) -> float:
-    """sum(a * a) as one BLAS dot product: no temporary the size of the array."""
+#: Elements of a gradient whose squared norm is one BLAS dot product.
+NORM_BLOCK = 1 << 15
+
+
+def squared_norm(array: Any) -> float:
+    """sum(a * a): each block of ``NORM_BLOCK`` elements one dot product (no temporary),
+    the blocks summed in order, so that workers that each take some blocks of a
+    parameter get the same number."""
     flat = array.reshape(-1)
-    return float(flat @ flat)
+    return sum(
+        float(block @ block)
+        for block in (flat[i : i + NORM_BLOCK] for i in range(0, flat.size, NORM_BLOCK))
+    )
 
 
 def _params_by_layer(model: Model) -> dict[str, list[tuple[Any, Any]]]:

@@ -8,6 +8,11 @@ all-reduce's shared memory: each updates its own part of the flat parameters,
 with the optimizer state of that part, then they wait for each other. The
 arithmetic of an optimizer step is elementwise, so the weights are the same
 bits as when every replica updates everything.
+
+The per-layer gradient norms of the diagnostics are shared out the same way:
+each worker takes the dot products of some fixed blocks of the gradient
+(:data:`core.train.NORM_BLOCK`), and the reporting worker adds them up in the
+order :func:`core.train.squared_norm` does.
 """
 
 from __future__ import annotations
@@ -17,20 +22,21 @@ from typing import Any
 import numpy as np
 
 from core.optim import OPTIMIZERS, Optimizer
-from core.train import Trainer
+from core.train import NORM_BLOCK, Trainer
 from workers.allreduce import SharedRows
 
 
 def shared_rows_needed(trainer: Trainer) -> int:
-    """Shared rows for a trainer's parameters and optimizer state."""
-    return 1 + len(trainer.optimizer.state_keys)
+    """Shared rows for a trainer's parameters, optimizer state and gradient norms."""
+    return 2 + len(trainer.optimizer.state_keys)
 
 
 class NodeOptimizer:
     """This worker's part of its node's optimizer step (see the module docstring).
 
     ``shared.rows`` holds the flat parameters, then one row per optimizer state
-    array (``state_keys`` order), each at least as long as the parameters.
+    array (``state_keys`` order), each at least as long as the parameters, then
+    the squared norms of the gradient's blocks.
     """
 
     def __init__(self, trainer: Trainer, shared: SharedRows) -> None:
@@ -41,8 +47,21 @@ class NodeOptimizer:
         ]
         self.size = sum(size for _, size, _ in self._sizes)
         self.part = shared.part(self.size)
-        params, *state_rows = shared.rows
+        params, *state_rows, norms = shared.rows
         self.params = params[: self.size]
+        self._block_norms = norms
+        # (layer, parameter) of each block, and where in the flat gradient it lies
+        self._blocks: list[tuple[str, int, int, int]] = []
+        offset = 0
+        for index, (layer, size) in enumerate(_parameter_layers(trainer)):
+            for start in range(0, size, NORM_BLOCK):
+                self._blocks.append((layer, index, offset + start, min(NORM_BLOCK, size - start)))
+            offset += size
+        self._my_blocks = [
+            (j, start, length)
+            for j, (_, _, start, length) in enumerate(self._blocks)
+            if self.part.start <= start < self.part.stop
+        ]
         self.state_rows = {
             key: row[: self.size]
             for key, row in zip(trainer.optimizer.state_keys, state_rows, strict=True)
@@ -87,9 +106,18 @@ class NodeOptimizer:
                 offset += size
         trainer_optimizer.steps = self.optimizer.steps
 
-    def update(self, grads: Any, *, diagnose: bool) -> None:
+    def take_norms(self, grads: Any) -> None:
+        """This worker's blocks of the squared norm of the flat gradient ``grads`` (before
+        clipping): :meth:`update` with ``report`` adds up every worker's."""
+        norms = self._block_norms
+        for j, start, length in self._my_blocks:
+            block = grads[start : start + length]
+            norms[j] = block @ block
+
+    def update(self, grads: Any, *, diagnose: bool, report: bool) -> None:
         """Step this worker's part from the flat gradient ``grads``; return once every
-        worker of the node has stepped its part."""
+        worker of the node has stepped its part. The reporting worker (``report``) then
+        records the per-layer gradient norms of :meth:`take_norms`."""
         held = self._grad_parts.get(id(grads))
         if held is None or held[0] is not grads:
             held = self._grad_parts[id(grads)] = (grads, grads[: self.size][self.part])
@@ -108,3 +136,28 @@ class NodeOptimizer:
                 state[key] = shared
         self.trainer.optimizer.steps = optimizer.steps
         self.shared.wait()
+        if report:
+            self.trainer.record_grad_norms(self._layer_squared_norms())
+
+    def _layer_squared_norms(self) -> dict[str, float]:
+        """Each layer's squared gradient norm from the blocks, summed as
+        :func:`core.train.squared_norm` and :meth:`core.train.Trainer.apply_gradients` do."""
+        per_param: dict[int, float] = {}
+        layers: dict[int, str] = {}
+        for j, (layer, index, _, _) in enumerate(self._blocks):
+            per_param[index] = per_param.get(index, 0) + float(self._block_norms[j])
+            layers[index] = layer
+        squared: dict[str, float] = {}
+        for index, value in per_param.items():
+            squared[layers[index]] = squared.get(layers[index], 0) + value
+        return squared
+
+
+def _parameter_layers(trainer: Trainer) -> list[tuple[str, int]]:
+    """The diagnostics' layer name and the size of each parameter, in flat order."""
+    model = trainer.model
+    return [
+        (name, int(param.size))
+        for name, layer in zip(model.layer_names(), model.layers, strict=True)
+        for param in layer.params.values()
+    ]

@@ -265,17 +265,22 @@ class TrainWorker:
             self._unflatten_sum(total, nonempty, grads=not bind)
             diagnose = batch_index == self.steps_per_epoch - 1
             node_optimizer = self._node_optimizer
+            if node_optimizer is not None:
+                node_optimizer.take_norms(total)
             trainer.apply_gradients(
                 steps_per_epoch=self.steps_per_epoch,
                 total_steps=self.total_steps,
-                diagnose=diagnose,
+                diagnose=diagnose and self.rank == 0,
                 update=(
                     None
                     if node_optimizer is None
-                    else partial(node_optimizer.update, total, diagnose=diagnose)
+                    else partial(
+                        node_optimizer.update, total, diagnose=diagnose, report=self.rank == 0
+                    )
                 ),
-                # Only rank 0 reports the per-layer diagnostics.
-                record=self.rank == 0,
+                # Only rank 0 reports the per-layer diagnostics (with a node optimizer,
+                # the node's workers take the gradient norms together).
+                record=self.rank == 0 and node_optimizer is None,
             )
         return StepResult(
             slots=tuple(stats), finite=finite, step=trainer.step, allreduce_time_s=elapsed

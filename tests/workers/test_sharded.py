@@ -15,14 +15,15 @@ from workers.group import WorkerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-STEPS = 5
+STEPS = 5  # a whole epoch of the 300 digits, so the last step measures update ratios
 
 
 def run_steps(
     dataset: Dataset, workers: int, optimizer: dict[str, Any], *, shared: bool
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Weights and checkpoint after ``STEPS`` steps; ``shared=False`` copies rows in and out
-    of the all-reduce, so every replica steps all of its own parameters."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """Weights, checkpoint and per-layer diagnostics after ``STEPS`` steps;
+    ``shared=False`` copies rows in and out of the all-reduce, so every replica steps
+    all of its own parameters."""
     job = {**job_spec(MLP, grad_clip_norm=0.5, batch_size=64), "optimizer": optimizer}
     data = {
         "X_train": dataset.X,
@@ -47,9 +48,10 @@ def run_steps(
         assert sharing == [shared] * workers
         for batch in range(STEPS):
             assert all(result.finite for result in group.execute("train_step", 0, batch))
+        diagnostics = group.execute("finish_epoch", 0, evaluate=False)[0].diagnostics
         weights = group.execute_on(0, "weights")
         checkpoint = from_npz_bytes(group.execute_on(0, "save"))
-    return weights, checkpoint
+    return weights, checkpoint, diagnostics
 
 
 @pytest.mark.parametrize(
@@ -63,8 +65,12 @@ def run_steps(
 def test_shared_parameters_step_like_private_replicas(
     optimizer: dict[str, Any], digits: Dataset
 ) -> None:
-    weights, checkpoint = run_steps(digits, 2, optimizer, shared=True)
-    private_weights, private_checkpoint = run_steps(digits, 2, optimizer, shared=False)
+    weights, checkpoint, diagnostics = run_steps(digits, 2, optimizer, shared=True)
+    private_weights, private_checkpoint, private_diagnostics = run_steps(
+        digits, 2, optimizer, shared=False
+    )
+    assert {k.split("/")[0] for k in diagnostics} == {"grad_norm", "update_ratio"}
+    assert diagnostics == private_diagnostics
     assert weights.keys() == private_weights.keys()
     for name in weights:
         np.testing.assert_array_equal(weights[name], private_weights[name], err_msg=name)
