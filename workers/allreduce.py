@@ -572,15 +572,14 @@ class SharedMemoryAllReduce(AllReduce):
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
             return _blocked_sum(slots[:num_slots, lo:hi], result[lo:hi])
         if self.is_leader:
-            self._reduce_across_nodes(slots, result, num_slots, n, ordered)
-            return bool(np.isfinite(result[:n]).all())
+            return self._reduce_across_nodes(slots, result, num_slots, n, ordered)
         return True
 
     def _reduce_across_nodes(
         self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
-    ) -> None:
+    ) -> bool:
         """Leaders only: each sums one chunk over all slots, then all swap chunks (or,
-        over gloo, all gather every slot row and sum them all)."""
+        over gloo, all gather every slot row and sum them all); whether the sum is finite."""
         topology = self.topology
         nodes = topology.num_nodes
         slots_of_node = [
@@ -593,14 +592,16 @@ class SharedMemoryAllReduce(AllReduce):
         ]
         if self.leader_link == "gloo":
             if ordered:
-                self._gather_across_nodes(slots, result, slots_of_node, n)
-            else:  # each node's sum, then gloo's own all-reduce
-                from ray.util import collective
+                return self._gather_across_nodes(slots, result, slots_of_node, n)
+            # Each node's sum, then gloo's own all-reduce, on private memory: gloo is
+            # several times slower on a shared-memory mapping.
+            from ray.util import collective
 
-                total = ordered_sum(slots[slots_of_node[self.node], :n], np.empty(n, self.dtype))
-                collective.allreduce(total, group_name=self._leader_group)
-                result[:n] = total
-            return
+            total = self._scratch("total", (n,))
+            _blocked_sum([slots[slot, :n] for slot in slots_of_node[self.node]], total)
+            collective.allreduce(total, group_name=self._leader_group)
+            result[:n] = total
+            return bool(np.isfinite(total).all())
         bounds = chunk_bounds(n, nodes)
         mine = slots_of_node[self.node]
         outgoing = [
@@ -615,23 +616,34 @@ class SharedMemoryAllReduce(AllReduce):
         chunks = self._swap([chunk] * nodes)
         for node, block in enumerate(chunks):
             result[bounds[node] : bounds[node + 1]] = block
+        return bool(np.isfinite(result[:n]).all())
 
     def _gather_across_nodes(
         self, slots: np.ndarray, result: np.ndarray, slots_of_node: list[list[int]], n: int
-    ) -> None:
+    ) -> bool:
         from ray.util import collective
 
         per_node = max(len(node_slots) for node_slots in slots_of_node)
         mine = slots_of_node[self.node]
-        send = np.zeros((per_node, n), self.dtype)
-        send[: len(mine)] = slots[mine, :n]
-        received = [np.empty_like(send) for _ in slots_of_node]
+        # Rows past a node's own slots are sent but never read.
+        send = self._scratch("send", (per_node, n))
+        for index, slot in enumerate(mine):
+            send[index] = slots[slot, :n]
+        received = [self._scratch(f"received{k}", (per_node, n)) for k in range(len(slots_of_node))]
         collective.allgather(received, send, group_name=self._leader_group)
         rows: list[np.ndarray] = [np.empty(0)] * sum(len(x) for x in slots_of_node)
         for block, node_slots in zip(received, slots_of_node, strict=True):
             for index, slot in enumerate(node_slots):
                 rows[slot] = block[index]
-        ordered_sum(rows, result[:n])
+        return _blocked_sum(rows, result[:n])
+
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A private work array, kept from one call to the next (no page faults)."""
+        scratch = self.__dict__.setdefault("_scratch_arrays", {})
+        array = scratch.get(name)
+        if array is None or array.shape != shape:
+            array = scratch[name] = np.empty(shape, self.dtype)
+        return array
 
     def _swap(self, outgoing: list[np.ndarray]) -> list[np.ndarray]:
         """Send ``outgoing[k]`` to the leader of node ``k``; receive one array from each."""
@@ -666,14 +678,13 @@ class SharedMemoryAllReduce(AllReduce):
             self._shm = None
 
 
-def _blocked_sum(rows: np.ndarray, out: np.ndarray) -> bool:
+def _blocked_sum(rows: Sequence[np.ndarray] | np.ndarray, out: np.ndarray) -> bool:
     """:func:`ordered_sum` block by block, so each block's running sum stays in cache;
     returns whether the sum is finite."""
     finite = True
     for start in range(0, out.shape[0], _SUM_BLOCK_ELEMENTS):
-        block = ordered_sum(
-            rows[:, start : start + _SUM_BLOCK_ELEMENTS], out[start : start + _SUM_BLOCK_ELEMENTS]
-        )
+        part = slice(start, start + _SUM_BLOCK_ELEMENTS)
+        block = ordered_sum([row[part] for row in rows], out[part])
         finite = finite and bool(np.isfinite(block).all())
     return finite
 
