@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from workers.group import WorkerGroup
+from workers.trainer import CALL_TARGET_S, MAX_STEPS_PER_CALL
 from workers.worker import TrainWorker
 
 FEATURES, HIDDEN, CLASSES = 784, 1024, 10
@@ -90,14 +91,17 @@ def trainq(workers: int, batch: int, steps: int, threads: int, deterministic: bo
             micro_shards=8,
         )
         group.setup_allreduce("ray", num_slots=8 if deterministic else workers)
-        for b in range(WARMUP_STEPS):
-            group.execute("train_step", 0, b)
+        warmup = group.execute("train_steps", 0, list(range(WARMUP_STEPS)))[0]
+        # As run_job does: about CALL_TARGET_S of steps per call, and the next call
+        # made before the last one is answered.
+        per_call = max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / warmup[-1].seconds)))
+        timed = list(range(WARMUP_STEPS, WARMUP_STEPS + steps))
         started = time.perf_counter()
-        # As run_job does: the next step is asked for before the last one is answered.
         in_flight = [
-            group.submit("train_step", 0, b) for b in range(WARMUP_STEPS, WARMUP_STEPS + steps)
+            group.submit("train_steps", 0, timed[i : i + per_call])
+            for i in range(0, steps, per_call)
         ]
-        allreduce = sum(group.gather(refs)[0].allreduce_time_s for refs in in_flight)
+        allreduce = sum(r.allreduce_time_s for refs in in_flight for r in group.gather(refs)[0])
         elapsed = time.perf_counter() - started
     return {"samples_per_s": batch * steps / elapsed, "allreduce_share": allreduce / elapsed}
 

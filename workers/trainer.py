@@ -132,8 +132,12 @@ def run_job(
     return run.run(resume)
 
 
-#: Steps asked of the workers ahead of the one being waited for, plus that one.
-STEPS_IN_FLIGHT = 2
+#: Calls made to the workers ahead of the one being waited for, plus that one.
+CALLS_IN_FLIGHT = 2
+#: Work asked of the workers per call, and the most steps in one call: a cancel
+#: request waits for the calls in flight.
+CALL_TARGET_S = 0.1
+MAX_STEPS_PER_CALL = 8
 
 
 class _Rollback(Exception):
@@ -287,21 +291,24 @@ class _JobRun:
             epoch = self.epoch
             totals = _EpochTotals()
             started = time.perf_counter()
-            # The next step is asked for before the last one is answered, so a worker
-            # never waits for the round trip to this process between two steps. A step
-            # that diverged rolls back to a checkpoint, so a step after it that was
-            # already running changes nothing.
-            in_flight: deque[tuple[int, list[Any]]] = deque()
-            for batch_index in range(self.steps_per_epoch):
-                if (epoch, batch_index) in self.skipped:
-                    continue
-                self._check_cancel()
-                assert self.group is not None
-                in_flight.append((batch_index, self.group.submit("train_step", epoch, batch_index)))
-                if len(in_flight) == STEPS_IN_FLIGHT:
-                    self._take_step(epoch, *in_flight.popleft(), totals)
-            while in_flight:
-                self._take_step(epoch, *in_flight.popleft(), totals)
+            # Steps go to the workers a few per call (about CALL_TARGET_S of work), and
+            # the next call is made before the last one is answered, so a worker never
+            # waits for the round trip to this process. A step that diverged rolls back
+            # to a checkpoint, so steps after it that were already asked for change
+            # nothing.
+            todo = [b for b in range(self.steps_per_epoch) if (epoch, b) not in self.skipped]
+            in_flight: deque[tuple[list[int], list[Any]]] = deque()
+            per_call, position = 1, 0
+            while position < len(todo) or in_flight:
+                if position < len(todo):
+                    self._check_cancel()
+                    assert self.group is not None
+                    chunk = todo[position : position + per_call]
+                    position += len(chunk)
+                    in_flight.append((chunk, self.group.submit("train_steps", epoch, chunk)))
+                    if len(in_flight) < CALLS_IN_FLIGHT and position < len(todo):
+                        continue
+                per_call = self._take_steps(epoch, *in_flight.popleft(), totals)
             loss_sum, samples = totals.loss_sum, totals.samples
             correct, predicted = totals.correct, totals.predicted
             elapsed = time.perf_counter() - started
@@ -328,12 +335,24 @@ class _JobRun:
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(self.epoch, checkpoint)
 
-    def _take_step(
-        self, epoch: int, batch_index: int, refs: list[Any], totals: _EpochTotals
-    ) -> None:
-        """Wait for one step's results and count them."""
+    def _take_steps(
+        self, epoch: int, batch_indices: list[int], refs: list[Any], totals: _EpochTotals
+    ) -> int:
+        """Wait for one call's steps and count them; how many steps to ask per call next."""
         assert self.group is not None
-        results: list[StepResult] = self.group.gather(refs, should_stop=self._cancel_requested)
+        per_rank: list[list[StepResult]] = self.group.gather(
+            refs, should_stop=self._cancel_requested
+        )
+        for index, batch_index in enumerate(batch_indices[: len(per_rank[0])]):
+            # A cancel asked for at a step boundary counts no later step of the call.
+            self._check_cancel()
+            self._count_step(epoch, batch_index, [steps[index] for steps in per_rank], totals)
+        seconds = max(per_rank[0][-1].seconds, 1e-6)
+        return max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / seconds)))
+
+    def _count_step(
+        self, epoch: int, batch_index: int, results: list[StepResult], totals: _EpochTotals
+    ) -> None:
         if not results[0].finite:
             self._diverged(epoch, batch_index, "non-finite loss or gradient")
         slots = _slots_in_order(results)

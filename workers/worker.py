@@ -73,6 +73,8 @@ class StepResult:
     #: Optimizer steps taken so far (unchanged when the step was not applied).
     step: int
     allreduce_time_s: float
+    #: How long the whole step took on this worker.
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -211,10 +213,21 @@ class TrainWorker:
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
+    def train_steps(self, epoch: int, batch_indices: list[int]) -> list[StepResult]:
+        """:meth:`train_step` on each batch in turn (one call for several steps saves
+        round trips); stops after a step whose sum was not finite, as every rank does."""
+        results = []
+        for batch_index in batch_indices:
+            results.append(self.train_step(epoch, batch_index))
+            if not results[-1].finite:
+                break
+        return results
+
     def train_step(self, epoch: int, batch_index: int) -> StepResult:
         """Batch ``batch_index`` of epoch ``epoch`` (in that epoch's seeded order)."""
         trainer = self.trainer
         assert trainer is not None and self.allreduce is not None, "set up first"
+        step_started = time.perf_counter()
         if self._epoch_in_progress != epoch:
             self._begin_epoch(epoch)
         batch_size = self.job.training.batch_size
@@ -283,7 +296,11 @@ class TrainWorker:
                 record=self.rank == 0 and node_optimizer is None,
             )
         return StepResult(
-            slots=tuple(stats), finite=finite, step=trainer.step, allreduce_time_s=elapsed
+            slots=tuple(stats),
+            finite=finite,
+            step=trainer.step,
+            allreduce_time_s=elapsed,
+            seconds=time.perf_counter() - step_started,
         )
 
     def _binds_grads(self) -> bool:
