@@ -34,6 +34,7 @@ import ray
 from core.checkpoint import from_npz_bytes, split_prefix
 from core.data import Dataset, split_indices
 from core.spec import JobSpec, parse_job_spec
+from core.train import BatchStats
 from workers.allreduce import BACKENDS, backend_unavailable_reason
 from workers.config import MAX_DIVERGENCES, MAX_WORKER_FAILURES, MICRO_SHARDS
 from workers.errors import (
@@ -142,16 +143,6 @@ MAX_STEPS_PER_CALL = 8
 
 class _Rollback(Exception):
     """The group must go back to the last good checkpoint."""
-
-
-@dataclass
-class _EpochTotals:
-    """Sums over the steps of an epoch so far."""
-
-    loss_sum: float = 0.0
-    samples: int = 0
-    correct: int = 0
-    predicted: int = 0
 
 
 @dataclass(kw_only=True)
@@ -289,7 +280,7 @@ class _JobRun:
         spec = self.spec
         while self.epoch < spec.epochs:
             epoch = self.epoch
-            totals = _EpochTotals()
+            totals = BatchStats()
             started = time.perf_counter()
             # Steps go to the workers a few per call (about CALL_TARGET_S of work), and
             # the next call is made before the last one is answered, so a worker never
@@ -309,8 +300,6 @@ class _JobRun:
                     if len(in_flight) < CALLS_IN_FLIGHT and position < len(todo):
                         continue
                 per_call = self._take_steps(epoch, *in_flight.popleft(), totals)
-            loss_sum, samples = totals.loss_sum, totals.samples
-            correct, predicted = totals.correct, totals.predicted
             elapsed = time.perf_counter() - started
             self._check_cancel()
             assert self.group is not None
@@ -321,7 +310,7 @@ class _JobRun:
                 done = [b for b in range(self.steps_per_epoch) if (epoch, b) not in self.skipped]
                 self._diverged(epoch, done[-1], "non-finite weights after the epoch's last step")
             self.epoch = epoch + 1
-            metrics = _epoch_metrics(reports[0], loss_sum, samples, correct, predicted, elapsed)
+            metrics = _epoch_metrics(reports[0], totals, elapsed)
             if self.epoch > self.reported_epoch:
                 self.reported_epoch = self.epoch
                 self.history.append(metrics)
@@ -336,7 +325,7 @@ class _JobRun:
                         self.on_checkpoint(self.epoch, checkpoint)
 
     def _take_steps(
-        self, epoch: int, batch_indices: list[int], refs: list[Any], totals: _EpochTotals
+        self, epoch: int, batch_indices: list[int], refs: list[Any], totals: BatchStats
     ) -> int:
         """Wait for one call's steps and count them; how many steps to ask per call next."""
         assert self.group is not None
@@ -351,22 +340,23 @@ class _JobRun:
         return max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / seconds)))
 
     def _count_step(
-        self, epoch: int, batch_index: int, results: list[StepResult], totals: _EpochTotals
+        self, epoch: int, batch_index: int, results: list[StepResult], totals: BatchStats
     ) -> None:
         if not results[0].finite:
             self._diverged(epoch, batch_index, "non-finite loss or gradient")
         slots = _slots_in_order(results)
-        step_loss = sum(s.loss_sum for s in slots)
-        step_samples = sum(s.samples for s in slots)
-        totals.loss_sum += step_loss
-        totals.samples += step_samples
-        totals.correct += sum(s.correct for s in slots)
-        totals.predicted += sum(s.predicted for s in slots)
+        step = BatchStats(
+            loss_sum=sum(s.loss_sum for s in slots),
+            samples=sum(s.samples for s in slots),
+            correct=sum(s.correct for s in slots),
+            predicted=sum(s.predicted for s in slots),
+        )
+        totals.add(step)
         self.step = results[0].step
         if self.on_step is not None and self.step > self.reported_step:
             self.reported_step = self.step
             if self.step % self.spec.log_every_steps == 0:
-                self.on_step(self.step, step_loss / max(step_samples, 1))
+                self.on_step(self.step, step.mean_loss)
 
     def _diverged(self, epoch: int, batch_index: int, reason: str) -> NoReturn:
         """Skip the batch from now on and roll back, or fail after too many divergences."""
@@ -447,23 +437,16 @@ def _slots_in_order(results: list[StepResult]) -> list[Any]:
     return sorted((s for r in results for s in r.slots), key=lambda s: s.slot)
 
 
-def _epoch_metrics(
-    report: EpochReport,
-    loss_sum: float,
-    samples: int,
-    correct: int,
-    predicted: int,
-    elapsed: float,
-) -> Metrics:
+def _epoch_metrics(report: EpochReport, totals: BatchStats, elapsed: float) -> Metrics:
     metrics: Metrics = {
-        "train_loss": loss_sum / max(samples, 1),
+        "train_loss": totals.mean_loss,
         "lr": report.lr,
-        "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+        "samples_per_s": totals.samples / elapsed if elapsed > 0 else 0.0,
         "epoch_time_s": elapsed,
         "allreduce_time_s": report.allreduce_time_s,
     }
-    if predicted:
-        metrics["train_accuracy"] = correct / predicted
+    if totals.accuracy is not None:
+        metrics["train_accuracy"] = totals.accuracy
     metrics.update(report.diagnostics)
     if report.val is not None:
         val_loss_sum, val_samples, val_correct, val_predicted = report.val
