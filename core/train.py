@@ -156,8 +156,8 @@ class Trainer:
         """Clip, schedule, and take the optimizer step on the accumulated gradients.
 
         ``update`` replaces the optimizer's step (workers that share one copy of the
-        parameters each update a part); ``record=False`` skips the diagnostics of a
-        replica that does not report them (``diagnose`` then does nothing either).
+        parameters each update a part); ``record=False`` skips the gradient norms (a
+        replica that does not report them, or one that takes them elsewhere).
         """
         opt = self.optimizer
         opt.lr = scheduled_lr(

@@ -50,16 +50,23 @@ class NodeOptimizer:
         params, *state_rows, norms = shared.rows
         self.params = params[: self.size]
         self._block_norms = norms
-        # (layer, parameter) of each block, and where in the flat gradient it lies
-        self._blocks: list[tuple[str, int, int, int]] = []
+        model = trainer.model
+        # The diagnostics' layer of each parameter, in flat order.
+        self._layer_of = [
+            name
+            for name, layer in zip(model.layer_names(), model.layers, strict=True)
+            for _ in layer.params
+        ]
+        # The parameter of each block, and where in the flat gradient the block lies.
+        self._blocks: list[tuple[int, int, int]] = []
         offset = 0
-        for index, (layer, size) in enumerate(_parameter_layers(trainer)):
+        for index, (_, size, _) in enumerate(self._sizes):
             for start in range(0, size, NORM_BLOCK):
-                self._blocks.append((layer, index, offset + start, min(NORM_BLOCK, size - start)))
+                self._blocks.append((index, offset + start, min(NORM_BLOCK, size - start)))
             offset += size
         self._my_blocks = [
             (j, start, length)
-            for j, (_, _, start, length) in enumerate(self._blocks)
+            for j, (_, start, length) in enumerate(self._blocks)
             if self.part.start <= start < self.part.stop
         ]
         self.state_rows = {
@@ -143,21 +150,10 @@ class NodeOptimizer:
         """Each layer's squared gradient norm from the blocks, summed as
         :func:`core.train.squared_norm` and :meth:`core.train.Trainer.apply_gradients` do."""
         per_param: dict[int, float] = {}
-        layers: dict[int, str] = {}
-        for j, (layer, index, _, _) in enumerate(self._blocks):
+        for j, (index, _, _) in enumerate(self._blocks):
             per_param[index] = per_param.get(index, 0) + float(self._block_norms[j])
-            layers[index] = layer
         squared: dict[str, float] = {}
         for index, value in per_param.items():
-            squared[layers[index]] = squared.get(layers[index], 0) + value
+            layer = self._layer_of[index]
+            squared[layer] = squared.get(layer, 0) + value
         return squared
-
-
-def _parameter_layers(trainer: Trainer) -> list[tuple[str, int]]:
-    """The diagnostics' layer name and the size of each parameter, in flat order."""
-    model = trainer.model
-    return [
-        (name, int(param.size))
-        for name, layer in zip(model.layer_names(), model.layers, strict=True)
-        for param in layer.params.values()
-    ]

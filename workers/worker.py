@@ -106,6 +106,7 @@ class TrainWorker:
         self._allreduce_time_s = 0.0
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._node_optimizer: NodeOptimizer | None = None
+        self._resident = False
 
     # --- identity -------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class TrainWorker:
             assert self.allreduce is not None
             self.allreduce.attach()
             resident = self.allreduce.resident_views()
+            self._resident = resident is not None
             if resident is not None:
                 self._rows, self._sum = resident
             shared = self.allreduce.shared_views()
@@ -260,7 +262,7 @@ class TrainWorker:
             buffer[...] = saved
         started = time.perf_counter()
         total = self._sum
-        if self.allreduce.resident_views() is not None:
+        if self._resident:
             finite = self.allreduce.reduce_resident(self.num_slots, ordered=self.deterministic)
             if finite and self.job.training.grad_clip_norm is not None:
                 # Clipping scales the gradient in place: not the sum every rank reads.
