@@ -6,10 +6,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
 
 from core.data import Dataset
 from tests.factories import STATEFUL_CNN, digits_subset
 from workers.allreduce import backend_unavailable_reason
+from workers.group import WorkerGroup
 
 MLP = {
     "layers": [
@@ -69,6 +71,32 @@ def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert np.array_equal(a[name], b[name]), name
+
+
+def setup_job(
+    group: WorkerGroup,
+    dataset: Dataset,
+    job: dict[str, Any],
+    *,
+    deterministic: bool = True,
+    micro_shards: int = 4,
+) -> None:
+    """Set ``job`` up on every worker of ``group``, training on all of ``dataset``."""
+    data = {
+        "X_train": ray.put(dataset.X),
+        "y_train": ray.put(dataset.y),
+        "X_val": ray.put(dataset.X[:0]),
+        "y_val": ray.put(dataset.y[:0]),
+    }
+    group.execute(
+        "setup_job",
+        job,
+        data,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        deterministic=deterministic,
+        micro_shards=micro_shards,
+    )
 
 
 def available(backend: str, *args: Any) -> Any:

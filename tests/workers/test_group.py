@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import placement_group_table
 
 from core.data import Dataset
-from tests.workers.conftest import CNN, assert_same_weights, job_spec
+from tests.workers.conftest import CNN, assert_same_weights, job_spec, setup_job
 from tests.workers.probes import DataProbeWorker, FailingWorker
 from workers.errors import (
     WorkerFailedError,
@@ -36,24 +36,6 @@ def actor_gone(name: str) -> bool:
     except ray.exceptions.RayActorError:
         return True
     return False
-
-
-def setup_job(group: WorkerGroup, dataset: Dataset, job: dict, **options: object) -> None:
-    data = {
-        "X_train": ray.put(dataset.X),
-        "y_train": ray.put(dataset.y),
-        "X_val": ray.put(dataset.X[:0]),
-        "y_val": ray.put(dataset.y[:0]),
-    }
-    group.execute(
-        "setup_job",
-        job,
-        data,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        deterministic=options.get("deterministic", True),
-        micro_shards=4,
-    )
 
 
 def test_group_starts_ranks_in_order_and_shuts_down() -> None:

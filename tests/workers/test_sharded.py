@@ -10,7 +10,7 @@ import pytest
 
 from core.checkpoint import from_npz_bytes
 from core.data import Dataset
-from tests.workers.conftest import MLP, job_spec
+from tests.workers.conftest import MLP, assert_same_weights, job_spec, setup_job
 from workers.group import WorkerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -25,22 +25,8 @@ def run_steps(
     ``shared=False`` copies rows in and out of the all-reduce, so every replica steps
     all of its own parameters."""
     job = {**job_spec(MLP, grad_clip_norm=0.5, batch_size=64), "optimizer": optimizer}
-    data = {
-        "X_train": dataset.X,
-        "y_train": dataset.y,
-        "X_val": dataset.X[:0],
-        "y_val": dataset.y[:0],
-    }
     with WorkerGroup.start(workers) as group:
-        group.execute(
-            "setup_job",
-            job,
-            data,
-            input_shape=dataset.input_shape,
-            num_classes=dataset.num_classes,
-            deterministic=True,
-            micro_shards=8,
-        )
+        setup_job(group, dataset, job, micro_shards=8)
         group.setup_allreduce("ray", num_slots=8, **({} if shared else {"resident_max_bytes": 0}))
         sharing = group.gather(
             [a.__ray_call__.remote(lambda w: w._node_optimizer is not None) for a in group.actors]
@@ -71,9 +57,7 @@ def test_shared_parameters_step_like_private_replicas(
     )
     assert {k.split("/")[0] for k in diagnostics} == {"grad_norm", "update_ratio"}
     assert diagnostics == private_diagnostics
-    assert weights.keys() == private_weights.keys()
-    for name in weights:
-        np.testing.assert_array_equal(weights[name], private_weights[name], err_msg=name)
+    assert_same_weights(weights, private_weights)
     optimizer_state = {k for k in checkpoint if k.startswith("optim/")}
     assert optimizer_state == {k for k in private_checkpoint if k.startswith("optim/")}
     assert any(k.endswith(("momentum", "exp_avg_sq")) for k in optimizer_state)
