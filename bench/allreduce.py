@@ -14,7 +14,8 @@ memory, where a worker's backward wrote them, and the sum is read where it was
 made; gloo copies each rank's rows in and the sum out.
 
 ``--nodes 2`` starts a two-node Ray cluster on this machine
-(``ray.cluster_utils.Cluster``) and places the ranks on alternate nodes: the
+(``ray.cluster_utils.Cluster``) and places the first half of the ranks on one
+node and the rest on the other, as a ``PACK`` placement group does: the
 ``ray`` backend then reduces within each node through shared memory and between
 the two node leaders through Ray's object store, gloo over TCP between all ranks.
 """
@@ -180,9 +181,9 @@ def _measure(
     lines = []
     results: dict[tuple[int, str, str], float] = {}
     placement: dict[str, Any] = {}
-    if nodes == 2:  # alternate ranks between the nodes
+    if nodes == 2:  # half the ranks on each node, in rank order
         placement["resources_per_worker"] = [
-            {"node_a" if rank % 2 == 0 else "node_b": 1} for rank in range(world)
+            {"node_a" if rank < world // 2 else "node_b": 1} for rank in range(world)
         ]
     for backend in backends:
         # A fresh group per backend: a gloo process group is set up once per process.

@@ -2,31 +2,40 @@
 
 Every backend computes the same thing. The buffer to reduce is cut into
 ``num_slots`` contributions (one per micro-shard in deterministic mode, one per
-worker otherwise); slot ``s`` belongs to rank ``s % world_size``, and each
-rank hands in the rows of its slots. The result, on every rank, is
+worker otherwise); each rank owns a contiguous run of slots
+(:func:`owned_slots`) and hands in their rows. The result, on every rank, is
+the sum of the slot rows along a fixed binary tree (:func:`tree_sum`): the sum
+over slots ``a..b-1`` is the sum over ``a..m-1`` plus the sum over ``m..b-1``,
+``m = (a + b) // 2``, down to single slots. For 8 slots:
 
-    out = ((slot_0 + slot_1) + slot_2) + ... + slot_{num_slots - 1}
+    out = ((slot_0 + slot_1) + (slot_2 + slot_3)) + ((slot_4 + slot_5) + (slot_6 + slot_7))
 
 element by element. Floating-point addition is not associative, so it is this
-fixed order that makes the result independent of the number of workers: the
-same slots summed in the same order give the same bits, whoever computed them.
+fixed tree that makes the result independent of the number of workers: the
+same slots summed along the same tree give the same bits, whoever computed
+them. The tree also lets a rank, or a node, add up the slots it holds before
+anything leaves it wherever they form whole subtrees (with a power-of-two
+number of workers and of slots they always do): then one row per node crosses
+the network, not one per slot.
 
 Backends:
 
 ``ray`` (default; Ray and NumPy only)
     Workers on one node meet in a shared-memory segment: each writes its slot
-    rows, then each sums its share of the elements over all slots in slot
-    order, then each copies the whole result out. Across nodes only the lowest
-    rank of each node (its leader) talks. Where gloo is installed the leaders
-    form a gloo group and all-gather their nodes' slot rows, each then summing
-    them in slot order. Otherwise they swap slot rows through Ray's object store
-    so that each sums one chunk of the elements (a reduce-scatter that keeps slot
-    order), then swap the summed chunks (an all-gather).
+    rows, then each sums its share of the elements over all slots along the
+    tree, then each copies the whole result out. Across nodes only the lowest
+    rank of each node (its leader) talks, and it first sums its node's whole
+    subtrees. Where gloo is installed the leaders form a gloo group and
+    all-gather those partial sums, each then finishing the tree. Otherwise they
+    swap them through Ray's object store so that each finishes one chunk of the
+    elements (a reduce-scatter that keeps the tree), then swap the summed chunks
+    (an all-gather).
 ``gloo``
     ``ray.util.collective`` with its gloo backend, which in Ray 2.60 is
     ``torch.distributed`` (``TorchGLOOGroup``; it needs torch, not pygloo).
-    In order: an all-gather of the slot rows, then the ordered sum on every
-    rank. Unordered (``ordered=False``): gloo's own all-reduce.
+    In order: each rank sums its whole subtrees, an all-gather of those, then
+    the rest of the tree on every rank. Unordered (``ordered=False``): gloo's
+    own all-reduce.
 ``nccl``
     ``ray.util.collective`` NCCL on CuPy arrays, one GPU per worker (needs
     CuPy and torch); the same two paths as gloo.
@@ -45,9 +54,9 @@ state, of which each rank updates a part.
 from __future__ import annotations
 
 import asyncio
-import math
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from types import ModuleType
@@ -55,6 +64,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from core.backend import array_module
 from workers.config import (
     ALLREDUCE_BUCKET_BYTES,
     ALLREDUCE_RESIDENT_MAX_BYTES,
@@ -73,19 +83,111 @@ _SUM_BLOCK_ELEMENTS = 1 << 15
 
 
 def owned_slots(rank: int, world_size: int, num_slots: int) -> range:
-    """The slots rank ``rank`` contributes: ``rank, rank + world_size, ...``."""
-    return range(rank, num_slots, world_size)
+    """The slots rank ``rank`` contributes: a contiguous run of about
+    ``num_slots / world_size`` (none for a rank past ``num_slots``)."""
+    return range(rank * num_slots // world_size, (rank + 1) * num_slots // world_size)
+
+
+Span = tuple[int, int]
+
+
+def tree_cover(slots: Iterable[int], num_slots: int) -> list[Span]:
+    """The fewest subtrees of the summation tree over ``num_slots`` slots whose slots
+    are exactly ``slots``, in order, each as ``(first, past_last)``. A run owned by one
+    of a power-of-two number of ranks (or nodes) is one subtree."""
+    held = set(slots)
+    cover: list[Span] = []
+
+    def visit(a: int, b: int) -> None:
+        inside = sum(1 for s in range(a, b) if s in held)
+        if inside == b - a:
+            cover.append((a, b))
+        elif inside:
+            mid = (a + b) // 2
+            visit(a, mid)
+            visit(mid, b)
+
+    if num_slots:
+        visit(0, num_slots)
+    return cover
+
+
+def tree_sum(parts: Mapping[Span, Any], num_slots: int, out: Any) -> Any:
+    """``out`` = the sum over slots ``0..num_slots-1`` along the tree, where ``parts``
+    gives the sums of some subtrees (a slot's own row is the subtree ``(s, s + 1)``)
+    and every slot lies under exactly one of them.
+
+    Never ``rows.sum(axis=0)``: NumPy sums an axis in an order that depends on the
+    number of rows.
+    """
+    return _run_plan(_plan(tuple(parts), (0, num_slots)), list(parts.values()), out)
 
 
 def ordered_sum(rows: Sequence[Any] | np.ndarray, out: Any) -> Any:
-    """``out = ((rows[0] + rows[1]) + rows[2]) + ...`` element by element.
+    """``out`` = the rows of ``len(rows)`` slots summed along the tree."""
+    return tree_sum(_leaves(rows), len(rows), out)
 
-    Never ``rows.sum(axis=0)``: NumPy may sum an axis pairwise, in an order
-    that depends on the number of rows.
-    """
-    out[...] = rows[0]
-    for row in rows[1:]:
-        out += row
+
+def _leaves(rows: Sequence[Any] | np.ndarray, first: int = 0) -> dict[Span, Any]:
+    return {(first + k, first + k + 1): row for k, row in enumerate(rows)}
+
+
+def _given(covers: Sequence[Sequence[Span]], blocks: Sequence[Any]) -> dict[Span, Any]:
+    """The subtree sums each party sent: ``blocks[k][i]`` is the sum of ``covers[k][i]``
+    (rows past a party's cover are padding)."""
+    return {
+        span: block[i]
+        for cover, block in zip(covers, blocks, strict=True)
+        for i, span in enumerate(cover)
+    }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The additions that sum subtree ``root`` from the given subtrees. Registers:
+    the given sums (0..P-1), then ``out`` (P), then scratch; each step is
+    ``add(left, right, out=dest)``; ``result`` holds the sum at the end."""
+
+    steps: tuple[tuple[int, int, int], ...]
+    given: int
+    scratch: int
+    result: int
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(spans: tuple[Span, ...], root: Span) -> _Plan:
+    index = {span: i for i, span in enumerate(spans)}
+    given = len(spans)
+    steps: list[tuple[int, int, int]] = []
+    scratch: dict[tuple[int, int], int] = {}
+
+    def value(a: int, b: int, depth: int, side: int) -> int:
+        if (a, b) in index:
+            return index[a, b]
+        if b - a <= 1:
+            raise KeyError(f"no sum given for slot {a}")
+        mid = (a + b) // 2
+        left = value(a, mid, depth + 1, 0)
+        right = value(mid, b, depth + 1, 1)
+        # Two scratch registers per depth: a node's children are done before its
+        # sibling starts, so the sibling may reuse the depth below.
+        dest = given if depth == 0 else scratch.setdefault((depth, side), given + 1 + len(scratch))
+        steps.append((left, right, dest))
+        return dest
+
+    result = value(*root, 0, 0)
+    return _Plan(tuple(steps), given, len(scratch), result)
+
+
+def _run_plan(plan: _Plan, given: list[Any], out: Any, scratch: list[Any] | None = None) -> Any:
+    xp = array_module(out)
+    if scratch is None:
+        scratch = [xp.empty_like(out) for _ in range(plan.scratch)]
+    registers = [*given, out, *scratch]
+    for left, right, dest in plan.steps:
+        xp.add(registers[left], registers[right], out=registers[dest])
+    if plan.result != plan.given:
+        out[...] = registers[plan.result]
     return out
 
 
@@ -570,7 +672,7 @@ class SharedMemoryAllReduce(AllReduce):
         if self.topology.num_nodes == 1:
             bounds = chunk_bounds(n, len(self.local_ranks))
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
-            return _blocked_sum(slots[:num_slots, lo:hi], result[lo:hi])
+            return _blocked_sum(_leaves(slots[:num_slots, lo:hi]), (0, num_slots), result[lo:hi])
         if self.is_leader:
             return self._reduce_across_nodes(slots, result, num_slots, n, ordered)
         return True
@@ -578,64 +680,52 @@ class SharedMemoryAllReduce(AllReduce):
     def _reduce_across_nodes(
         self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
     ) -> bool:
-        """Leaders only: each sums one chunk over all slots, then all swap chunks (or,
-        over gloo, all gather every slot row and sum them all); whether the sum is finite."""
+        """Leaders only: each sums its node's whole subtrees, then (over gloo) all gather
+        those and finish the tree, or (through Ray) each finishes one chunk of the
+        elements and all swap chunks; whether the sum is finite."""
         topology = self.topology
         nodes = topology.num_nodes
-        slots_of_node = [
-            sorted(
-                s
-                for r in topology.local_ranks(node)
-                for s in owned_slots(r, self.world_size, num_slots)
+        covers = [
+            tree_cover(
+                (
+                    s
+                    for r in topology.local_ranks(node)
+                    for s in owned_slots(r, self.world_size, num_slots)
+                ),
+                num_slots,
             )
             for node in range(nodes)
         ]
+        # Private memory for what leaves the node: gloo is several times slower on a
+        # shared-memory mapping.
+        partials = self._scratch("partials", (max(len(c) for c in covers), n))
+        for row, span in zip(partials, covers[self.node], strict=False):
+            _blocked_sum(_leaves(slots[span[0] : span[1], :n], span[0]), span, row)
         if self.leader_link == "gloo":
-            if ordered:
-                return self._gather_across_nodes(slots, result, slots_of_node, n)
-            # Each node's sum, then gloo's own all-reduce, on private memory: gloo is
-            # several times slower on a shared-memory mapping.
             from ray.util import collective
 
-            total = self._scratch("total", (n,))
-            _blocked_sum([slots[slot, :n] for slot in slots_of_node[self.node]], total)
-            collective.allreduce(total, group_name=self._leader_group)
-            result[:n] = total
-            return bool(np.isfinite(total).all())
+            if not ordered:  # any order: gloo's own all-reduce of the node's sum
+                total = partials[0]
+                if not covers[self.node]:
+                    total[...] = 0
+                for row in partials[1 : len(covers[self.node])]:
+                    total += row
+                collective.allreduce(total, group_name=self._leader_group)
+                result[:n] = total
+                return bool(np.isfinite(total).all())
+            received = [self._scratch(f"received{k}", partials.shape) for k in range(nodes)]
+            collective.allgather(received, partials, group_name=self._leader_group)
+            return _blocked_sum(_given(covers, received), (0, num_slots), result[:n])
         bounds = chunk_bounds(n, nodes)
-        mine = slots_of_node[self.node]
-        outgoing = [
-            np.ascontiguousarray(slots[mine, bounds[k] : bounds[k + 1]]) for k in range(nodes)
-        ]
+        mine = partials[: len(covers[self.node])]
+        outgoing = [np.ascontiguousarray(mine[:, bounds[k] : bounds[k + 1]]) for k in range(nodes)]
         incoming = self._swap(outgoing)
         lo, hi = bounds[self.node], bounds[self.node + 1]
-        gathered = np.empty((num_slots, hi - lo), self.dtype)
-        for node, block in enumerate(incoming):
-            gathered[slots_of_node[node]] = block
-        chunk = ordered_sum(gathered, np.empty(hi - lo, self.dtype))
+        chunk = tree_sum(_given(covers, incoming), num_slots, np.empty(hi - lo, self.dtype))
         chunks = self._swap([chunk] * nodes)
         for node, block in enumerate(chunks):
             result[bounds[node] : bounds[node + 1]] = block
         return bool(np.isfinite(result[:n]).all())
-
-    def _gather_across_nodes(
-        self, slots: np.ndarray, result: np.ndarray, slots_of_node: list[list[int]], n: int
-    ) -> bool:
-        from ray.util import collective
-
-        per_node = max(len(node_slots) for node_slots in slots_of_node)
-        mine = slots_of_node[self.node]
-        # Rows past a node's own slots are sent but never read.
-        send = self._scratch("send", (per_node, n))
-        for index, slot in enumerate(mine):
-            send[index] = slots[slot, :n]
-        received = [self._scratch(f"received{k}", (per_node, n)) for k in range(len(slots_of_node))]
-        collective.allgather(received, send, group_name=self._leader_group)
-        rows: list[np.ndarray] = [np.empty(0)] * sum(len(x) for x in slots_of_node)
-        for block, node_slots in zip(received, slots_of_node, strict=True):
-            for index, slot in enumerate(node_slots):
-                rows[slot] = block[index]
-        return _blocked_sum(rows, result[:n])
 
     def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A private work array, kept from one call to the next (no page faults)."""
@@ -678,13 +768,19 @@ class SharedMemoryAllReduce(AllReduce):
             self._shm = None
 
 
-def _blocked_sum(rows: Sequence[np.ndarray] | np.ndarray, out: np.ndarray) -> bool:
-    """:func:`ordered_sum` block by block, so each block's running sum stays in cache;
-    returns whether the sum is finite."""
+def _blocked_sum(parts: Mapping[Span, Any], root: Span, out: np.ndarray) -> bool:
+    """The sum of subtree ``root`` from ``parts`` (see :func:`tree_sum`), block by
+    block so that the partial sums stay in cache; returns whether it is finite."""
+    plan = _plan(tuple(parts), root)
+    given = list(parts.values())
+    scratch = [
+        np.empty(min(_SUM_BLOCK_ELEMENTS, out.shape[0]), out.dtype) for _ in range(plan.scratch)
+    ]
     finite = True
     for start in range(0, out.shape[0], _SUM_BLOCK_ELEMENTS):
         part = slice(start, start + _SUM_BLOCK_ELEMENTS)
-        block = ordered_sum([row[part] for row in rows], out[part])
+        block = out[part]
+        _run_plan(plan, [g[part] for g in given], block, [w[: block.shape[0]] for w in scratch])
         finite = finite and bool(np.isfinite(block).all())
     return finite
 
@@ -765,16 +861,19 @@ class CollectiveAllReduce(AllReduce):
             collective.allreduce(buffer, group_name=self.group_name)
             out[...] = buffer
             return
-        per_rank = math.ceil(num_slots / self.world_size)
-        n = out.shape[0]
-        send = xp.zeros((per_rank, n), self.dtype)
-        send[: rows.shape[0]] = rows
-        received = [xp.empty((per_rank, n), self.dtype) for _ in range(self.world_size)]
-        collective.allgather(received, send, group_name=self.group_name)
-        ordered_rows = [
-            received[slot % self.world_size][slot // self.world_size] for slot in range(num_slots)
+        covers = [
+            tree_cover(owned_slots(r, self.world_size, num_slots), num_slots)
+            for r in range(self.world_size)
         ]
-        ordered_sum(ordered_rows, out)
+        mine = owned_slots(self.rank, self.world_size, num_slots)
+        n = out.shape[0]
+        send = xp.zeros((max(len(c) for c in covers), n), self.dtype)
+        for row, span in zip(send, covers[self.rank], strict=False):
+            local = rows[span[0] - mine.start : span[1] - mine.start]
+            _run_plan(_plan(tuple(_leaves(local, span[0])), span), list(local), row)
+        received = [xp.empty_like(send) for _ in range(self.world_size)]
+        collective.allgather(received, send, group_name=self.group_name)
+        tree_sum(_given(covers, received), num_slots, out)
 
     def close(self) -> None:
         if self._open:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import uuid
-from functools import reduce
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from workers.allreduce import (
     chunk_bounds,
     ordered_sum,
     owned_slots,
+    tree_cover,
+    tree_sum,
 )
 from workers.errors import AllReduceTimeoutError
 from workers.group import WorkerGroup
@@ -25,15 +26,47 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def fold(rows: list[np.ndarray]) -> np.ndarray:
-    """The reference: slot 0 + slot 1 + ... from the left, in NumPy."""
-    return reduce(lambda acc, row: acc + row, rows[1:], rows[0].copy())
+    """The reference, in NumPy: the first half's sum plus the second half's, down to
+    single rows."""
+    if len(rows) == 1:
+        return rows[0].copy()
+    mid = len(rows) // 2
+    return fold(rows[:mid]) + fold(rows[mid:])
 
 
-def test_ordered_sum_adds_from_the_left(rng: np.random.Generator) -> None:
+def test_ordered_sum_adds_along_the_halving_tree(rng: np.random.Generator) -> None:
     scales = 10.0 ** rng.integers(-6, 6, 1000)
-    rows = (rng.standard_normal((9, 1000)) * scales).astype(np.float32)
-    out = ordered_sum(rows, np.empty(1000, np.float32))
-    assert np.array_equal(out, fold(list(rows)))
+    for count in (1, 2, 3, 8, 9):
+        rows = (rng.standard_normal((count, 1000)) * scales).astype(np.float32)
+        out = ordered_sum(rows, np.empty(1000, np.float32))
+        assert np.array_equal(out, fold(list(rows)))
+    rows = (rng.standard_normal((8, 1000)) * scales).astype(np.float32)
+    by_hand = ((rows[0] + rows[1]) + (rows[2] + rows[3])) + (
+        (rows[4] + rows[5]) + (rows[6] + rows[7])
+    )
+    assert np.array_equal(ordered_sum(rows, np.empty(1000, np.float32)), by_hand)
+
+
+def test_partial_sums_of_whole_subtrees_give_the_same_bits(rng: np.random.Generator) -> None:
+    """What a rank or a node may add up before sending: for any number of ranks, the
+    sums of each rank's cover, finished along the tree, equal the sum of all rows."""
+    rows = (rng.standard_normal((8, 500)) * 10.0 ** rng.integers(-6, 6, 500)).astype(np.float32)
+    expected = fold(list(rows))
+    for world in range(1, 10):
+        parts = {}
+        for rank in range(world):
+            for a, b in tree_cover(owned_slots(rank, world, 8), 8):
+                parts[a, b] = fold(list(rows[a:b]))
+        assert np.array_equal(tree_sum(parts, 8, np.empty(500, np.float32)), expected)
+
+
+def test_a_power_of_two_of_ranks_each_hold_one_subtree() -> None:
+    for world in (1, 2, 4, 8):
+        for rank in range(world):
+            assert len(tree_cover(owned_slots(rank, world, 8), 8)) == 1
+    assert tree_cover(owned_slots(1, 3, 8), 8) == [(2, 4), (4, 5)]
+    assert tree_cover([0, 1, 4, 5], 8) == [(0, 2), (4, 6)]  # two ranks' runs on one node
+    assert tree_cover([], 8) == []
 
 
 def test_chunk_bounds_cover_everything_even_with_more_parts_than_elements() -> None:
@@ -42,8 +75,9 @@ def test_chunk_bounds_cover_everything_even_with_more_parts_than_elements() -> N
     assert chunk_bounds(0, 2) == [0, 0, 0]
 
 
-def test_slots_go_round_robin_over_ranks() -> None:
-    assert [list(owned_slots(r, 3, 8)) for r in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+def test_each_rank_owns_a_contiguous_run_of_slots() -> None:
+    assert [list(owned_slots(r, 3, 8)) for r in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert [list(owned_slots(r, 4, 2)) for r in range(4)] == [[], [0], [], [1]]
 
 
 def test_topology_groups_ranks_by_node() -> None:
