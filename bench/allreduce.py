@@ -41,6 +41,7 @@ from workers.allreduce import (
     Topology,
     backend_unavailable_reason,
     make_allreduce,
+    owned_slots,
 )
 from workers.group import WorkerGroup
 
@@ -79,7 +80,7 @@ class ReduceBenchWorker:
             self.backend.seal()
 
     def time_reduce(self, n: int, num_slots: int, ordered: bool, repeats: int) -> list[float]:
-        rows_count = len(range(self.rank, num_slots, self.world_size))
+        rows_count = len(owned_slots(self.rank, self.world_size, num_slots))
         rows = np.random.default_rng(self.rank).standard_normal((rows_count, n), np.float32)
         out = np.empty(n, np.float32)
         resident = self.backend.resident_views()
