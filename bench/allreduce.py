@@ -3,7 +3,7 @@
     python bench/allreduce.py [--sizes-mb 1 4 16 64] [--workers 2 4] [--repeats 10] [--nodes 2]
 
 For each buffer size and number of workers, every backend reduces a float32
-buffer ``--repeats`` times after two warm-up rounds, in two modes:
+buffer ``--repeats`` times after five warm-up rounds, in two modes:
 ``slots=N`` (one contribution per worker; gloo uses its own all-reduce) and
 ``slots=8`` (deterministic mode: eight micro-shard contributions summed in
 order). Reported: the median time of rank 0, the algorithm bandwidth
@@ -47,6 +47,13 @@ from workers.group import WorkerGroup
 
 MB = 1024 * 1024
 DETERMINISTIC_SLOTS = 8
+#: Untimed rounds before each timed set.
+WARMUP_ROUNDS = 5
+#: Pause after a group starts, before its first timing: Ray is still busy with the
+#: start-up for a moment (worker processes, the leaders' exchange), and the first
+#: cell measured on a fresh two-node group came out 2-4x slower than when measured
+#: again.
+SETTLE_S = 2.0
 
 
 class ReduceBenchWorker:
@@ -88,13 +95,13 @@ class ReduceBenchWorker:
             for view, row in zip(resident[0], rows, strict=True):
                 view[...] = row
         times = []
-        for i in range(repeats + 2):
+        for i in range(repeats + WARMUP_ROUNDS):
             started = time.perf_counter()
             if resident is not None:
                 self.backend.reduce_resident(num_slots, ordered=ordered)
             else:
                 self.backend.reduce(rows, num_slots, out, ordered=ordered)
-            if i >= 2:
+            if i >= WARMUP_ROUNDS:
                 times.append(time.perf_counter() - started)
         return times
 
@@ -189,6 +196,7 @@ def _measure(
     for backend in backends:
         # A fresh group per backend: a gloo process group is set up once per process.
         with WorkerGroup.start(world, worker_cls=ReduceBenchWorker, **placement) as group:
+            time.sleep(SETTLE_S)
             for size_mb in sizes_mb:
                 n = size_mb * MB // 4
                 for num_slots, ordered in ((world, False), (DETERMINISTIC_SLOTS, True)):

@@ -268,7 +268,7 @@ class AllReduce:
         return None
 
     def reduce_resident(self, num_slots: int, *, ordered: bool = True) -> bool:
-        """Sum the resident slot rows into the result row, in slot order (unless
+        """Sum the resident slot rows into the result row along the tree (unless
         ``ordered=False``, as in :meth:`reduce`); returns whether every element of the
         sum is finite."""
         raise NotImplementedError

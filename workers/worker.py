@@ -2,8 +2,8 @@
 
 Each worker holds a full replica of the model. Per step it computes the
 gradients of its slots of the global batch, writes each slot's flattened
-gradient (and loss) into one row of a flat buffer, all-reduces the rows in
-slot order and, when the sum is finite, takes the optimizer step on it. Every
+gradient (and loss) into one row of a flat buffer, all-reduces the rows along
+the fixed tree of :mod:`workers.allreduce` and, when the sum is finite, takes the optimizer step on it. Every
 replica takes the same step on the same sum, so replicas stay identical.
 
 The model's gradients are views of those rows: a slot's backward writes its
