@@ -115,7 +115,7 @@ def join(group: WorkerGroup, backend: str, num_slots: int, n: int) -> None:
     )
     nodes = Topology.from_node_ids(setup.node_ids).num_nodes
     exchange = None
-    if backend == "ray" and nodes > 1:
+    if setup.needs_exchange:
         exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(nodes)
     for phase in ("create", "attach", "seal"):
         group.execute("setup_allreduce", setup, phase, exchange, vector_size=n)

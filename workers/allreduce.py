@@ -328,6 +328,17 @@ class AllReduceSetup:
     def world_size(self) -> int:
         return len(self.node_ids)
 
+    @property
+    def needs_exchange(self) -> bool:
+        """Whether the node leaders swap through a :class:`LeaderExchange` actor (a
+        ``ray`` group on several nodes whose leaders do not talk over gloo)."""
+        if self.backend != "ray" or Topology.from_node_ids(self.node_ids).num_nodes < 2:
+            return False
+        return self._leader_link() == "ray"
+
+    def _leader_link(self) -> str:
+        return self.leader_link or ("gloo" if backend_unavailable_reason("gloo") is None else "ray")
+
 
 def make_allreduce(
     setup: AllReduceSetup,
@@ -349,9 +360,7 @@ def make_allreduce(
     if setup.backend == "ray":
         rows = setup.num_slots + 1 + shared_rows
         resident = rows * vector_size * np.dtype(dtype).itemsize <= setup.resident_max_bytes
-        leader_link = setup.leader_link or (
-            "gloo" if backend_unavailable_reason("gloo") is None else "ray"
-        )
+        leader_link = setup._leader_link()
         backend = SharedMemoryAllReduce(
             rank=rank,
             topology=Topology.from_node_ids(setup.node_ids),

@@ -226,7 +226,7 @@ class WorkerGroup:
             **options,
         )
         exchange = None
-        if backend == "ray" and self.topology.num_nodes > 1:
+        if setup.needs_exchange:
             exchange = (
                 ray.remote(LeaderExchange)
                 .options(num_cpus=0, name=f"{self.name}-exchange", max_restarts=0)

@@ -3,8 +3,9 @@
 Each worker holds a full replica of the model. Per step it computes the
 gradients of its slots of the global batch, writes each slot's flattened
 gradient (and loss) into one row of a flat buffer, all-reduces the rows along
-the fixed tree of :mod:`workers.allreduce` and, when the sum is finite, takes the optimizer step on it. Every
-replica takes the same step on the same sum, so replicas stay identical.
+the fixed tree of :mod:`workers.allreduce` and, when the sum is finite, takes
+the optimizer step on it. Every replica takes the same step on the same sum, so
+replicas stay identical.
 
 The model's gradients are views of those rows: a slot's backward writes its
 gradient where the all-reduce reads it, and the optimizer steps from the sum

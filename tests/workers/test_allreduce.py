@@ -123,9 +123,7 @@ def join(
     )
     topology = Topology.from_node_ids(setup.node_ids)
     exchange = None
-    # Without a link named, the leaders use gloo where it is installed.
-    link = leader_link or ("gloo" if backend_unavailable_reason("gloo") is None else "ray")
-    if backend == "ray" and topology.num_nodes > 1 and link == "ray":
+    if setup.needs_exchange:  # without a link named, the leaders use gloo where installed
         exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(topology.num_nodes)
     for phase in ("create", "attach", "seal"):
         group.execute(
