@@ -49,10 +49,8 @@ MB = 1024 * 1024
 DETERMINISTIC_SLOTS = 8
 #: Untimed rounds before each timed set.
 WARMUP_ROUNDS = 5
-#: Pause after a group starts, before its first timing: Ray is still busy with the
-#: start-up for a moment (worker processes, the leaders' exchange), and the first
-#: cell measured on a fresh two-node group came out 2-4x slower than when measured
-#: again.
+#: Pause after a group starts, before its first timing, so that Ray's own start-up
+#: work (worker processes) is not timed with it.
 SETTLE_S = 2.0
 
 

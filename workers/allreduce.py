@@ -120,7 +120,33 @@ def tree_sum(parts: Mapping[Span, Any], num_slots: int, out: Any) -> Any:
     Never ``rows.sum(axis=0)``: NumPy sums an axis in an order that depends on the
     number of rows.
     """
-    return _run_plan(_plan(tuple(parts), (0, num_slots)), list(parts.values()), out)
+    return _subtree_sum(parts, (0, num_slots), out)
+
+
+def _subtree_sum(parts: Mapping[Span, Any], root: Span, out: Any) -> Any:
+    """``out`` = the sum over subtree ``root`` (see :func:`tree_sum`)."""
+    return _run_plan(_plan(tuple(parts), root), list(parts.values()), out)
+
+
+@functools.lru_cache(maxsize=64)
+def _covers(party_of_rank: tuple[int, ...], num_slots: int) -> tuple[tuple[Span, ...], ...]:
+    """The :func:`tree_cover` of each party's slots, where ``party_of_rank[r]`` is the
+    party (a rank itself, or its node) that rank ``r``'s slots go with."""
+    world_size = len(party_of_rank)
+    return tuple(
+        tuple(
+            tree_cover(
+                (
+                    s
+                    for r, owner in enumerate(party_of_rank)
+                    if owner == party
+                    for s in owned_slots(r, world_size, num_slots)
+                ),
+                num_slots,
+            )
+        )
+        for party in range(max(party_of_rank) + 1)
+    )
 
 
 def ordered_sum(rows: Sequence[Any] | np.ndarray, out: Any) -> Any:
@@ -694,17 +720,7 @@ class SharedMemoryAllReduce(AllReduce):
         elements and all swap chunks; whether the sum is finite."""
         topology = self.topology
         nodes = topology.num_nodes
-        covers = [
-            tree_cover(
-                (
-                    s
-                    for r in topology.local_ranks(node)
-                    for s in owned_slots(r, self.world_size, num_slots)
-                ),
-                num_slots,
-            )
-            for node in range(nodes)
-        ]
+        covers = _covers(topology.node_of_rank, num_slots)
         # Private memory for what leaves the node: gloo is several times slower on a
         # shared-memory mapping.
         partials = self._scratch("partials", (max(len(c) for c in covers), n))
@@ -870,16 +886,13 @@ class CollectiveAllReduce(AllReduce):
             collective.allreduce(buffer, group_name=self.group_name)
             out[...] = buffer
             return
-        covers = [
-            tree_cover(owned_slots(r, self.world_size, num_slots), num_slots)
-            for r in range(self.world_size)
-        ]
+        covers = _covers(tuple(range(self.world_size)), num_slots)
         mine = owned_slots(self.rank, self.world_size, num_slots)
         n = out.shape[0]
         send = xp.zeros((max(len(c) for c in covers), n), self.dtype)
         for row, span in zip(send, covers[self.rank], strict=False):
             local = rows[span[0] - mine.start : span[1] - mine.start]
-            _run_plan(_plan(tuple(_leaves(local, span[0])), span), list(local), row)
+            _subtree_sum(_leaves(local, span[0]), span, row)
         received = [xp.empty_like(send) for _ in range(self.world_size)]
         collective.allgather(received, send, group_name=self.group_name)
         tree_sum(_given(covers, received), num_slots, out)

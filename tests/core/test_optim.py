@@ -370,13 +370,7 @@ def test_large_parameters_updated_piece_by_piece_get_the_same_bits(
 
     def run(chunk: int) -> list[np.ndarray]:
         monkeypatch.setattr(optim, "_CHUNK", chunk)
-        triples = [(f"p{i}", v.copy(), np.zeros_like(v)) for i, v in enumerate(values)]
-        optimizer = build_optimizer(spec, triples)
-        for step in steps:
-            for (_, _, g), value in zip(triples, step, strict=True):
-                g[...] = value
-            optimizer.step()
-        return [p for _, p, _ in triples]
+        return _run(spec, values, steps)
 
     for pieces, whole in zip(run(4096), run(0), strict=True):
         np.testing.assert_array_equal(pieces, whole)
