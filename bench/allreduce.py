@@ -3,10 +3,13 @@
     python bench/allreduce.py [--sizes-mb 1 4 16 64] [--workers 2 4] [--repeats 10] [--nodes 2]
 
 For each buffer size and number of workers, every backend reduces a float32
-buffer ``--repeats`` times after five warm-up rounds, in two modes:
+buffer in two modes:
 ``slots=N`` (one contribution per worker; gloo uses its own all-reduce) and
 ``slots=8`` (deterministic mode: eight micro-shard contributions summed in
-order). Reported: the median time of rank 0, the algorithm bandwidth
+order). Each backend has its own worker group, and the groups take turns: each
+turn times ``--repeats`` reduces after five warm-up rounds, four turns per
+backend, so that both backends meet the same spells of load from other
+processes. Reported: the median time of rank 0 over all turns, the algorithm bandwidth
 ``size / time`` and the bus bandwidth ``algbw * 2 (N - 1) / N`` (the NCCL-tests
 convention, comparable across worker counts), and the ratio gloo / ray. The
 ``ray`` backend is timed as training uses it: the rows already lie in shared
@@ -17,12 +20,14 @@ made; gloo copies each rank's rows in and the sum out.
 (``ray.cluster_utils.Cluster``) and places the first half of the ranks on one
 node and the rest on the other, as a ``PACK`` placement group does: the
 ``ray`` backend then reduces within each node through shared memory and between
-the two node leaders through Ray's object store, gloo over TCP between all ranks.
+the two node leaders over gloo (through Ray's object store without torch), the
+``gloo`` backend over TCP between all ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -49,6 +54,9 @@ MB = 1024 * 1024
 DETERMINISTIC_SLOTS = 8
 #: Untimed rounds before each timed set.
 WARMUP_ROUNDS = 5
+#: Timed sets per backend and case, the backends taking turns, so that both see the
+#: same spells of load from other processes (two Ray nodes share this machine's cores).
+TURNS = 4
 #: Pause after a group starts, before its first timing, so that Ray's own start-up
 #: work (worker processes) is not timed with it.
 SETTLE_S = 2.0
@@ -143,7 +151,7 @@ def main() -> None:
         ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
     print(
         f"{os.cpu_count()} CPU cores; {args.nodes} Ray node(s); float32 buffers; "
-        f"median of {args.repeats}"
+        f"median of {TURNS} turns x {args.repeats} per backend"
     )
     print(
         f"{'workers':>7} {'MB':>4} {'slots':>5} {'backend':>7} {'ms':>9} "
@@ -191,17 +199,34 @@ def _measure(
         placement["resources_per_worker"] = [
             {"node_a" if rank < world // 2 else "node_b": 1} for rank in range(world)
         ]
-    for backend in backends:
-        # A fresh group per backend: a gloo process group is set up once per process.
-        with WorkerGroup.start(world, worker_cls=ReduceBenchWorker, **placement) as group:
-            time.sleep(SETTLE_S)
-            for size_mb in sizes_mb:
-                n = size_mb * MB // 4
-                for num_slots, ordered in ((world, False), (DETERMINISTIC_SLOTS, True)):
+    with contextlib.ExitStack() as stack:
+        # A group per backend, all alive at once: a process joins one gloo world only
+        # (torch.distributed's default group), and the backends take turns.
+        groups = {
+            backend: stack.enter_context(
+                WorkerGroup.start(world, worker_cls=ReduceBenchWorker, **placement)
+            )
+            for backend in backends
+        }
+        time.sleep(SETTLE_S)
+        for size_mb in sizes_mb:
+            n = size_mb * MB // 4
+            for num_slots, ordered in ((world, False), (DETERMINISTIC_SLOTS, True)):
+                for backend, group in groups.items():
                     join(group, backend, num_slots, n)
-                    times = group.execute("time_reduce", n, num_slots, ordered, repeats)[0]
-                    label = str(num_slots) if ordered else "N"
-                    results[(size_mb, label, backend)] = statistics.median(times)
+                times: dict[str, list[float]] = {backend: [] for backend in backends}
+                for turn in range(TURNS):
+                    # Alternate which backend goes first, so that neither always runs
+                    # just after the other has left the CPUs busy.
+                    ordering = backends if turn % 2 == 0 else backends[::-1]
+                    for backend in ordering:
+                        per_rank = groups[backend].execute(
+                            "time_reduce", n, num_slots, ordered, repeats
+                        )
+                        times[backend].extend(per_rank[0])
+                label = str(num_slots) if ordered else "N"
+                for backend in backends:
+                    results[(size_mb, label, backend)] = statistics.median(times[backend])
     order = sorted(results, key=lambda key: (key[0], key[1], backends.index(key[2])))
     for size_mb, slots, backend in order:
         seconds = results[(size_mb, slots, backend)]

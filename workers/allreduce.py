@@ -400,6 +400,7 @@ def make_allreduce(
             resident=resident,
             shared_rows=shared_rows if resident else 0,
             leader_link=leader_link,
+            leader_piece=bucket_elements,
         )
         backend.create()
         return backend
@@ -556,6 +557,7 @@ class SharedMemoryAllReduce(AllReduce):
         resident: bool = False,
         shared_rows: int = 0,
         leader_link: str = "ray",
+        leader_piece: int = 0,
     ) -> None:
         super().__init__(
             rank=rank,
@@ -584,12 +586,15 @@ class SharedMemoryAllReduce(AllReduce):
         if leader_link not in ("ray", "gloo"):
             raise ValueError(f"unknown leader link {leader_link!r}; expected 'ray' or 'gloo'")
         self.leader_link = leader_link if topology.num_nodes > 1 else "ray"
+        #: Elements of each row that leaders reduce over gloo at a time (0: one bucket).
+        self.leader_piece = max(int(leader_piece) or bucket_elements, 1)
         self._leader_group = f"{segment_prefix}-leaders"
         self._leader_group_open = False
         if topology.num_nodes > 1 and self.leader_link == "ray" and exchange is None:
             raise ValueError("a group on several nodes needs an exchange between node leaders")
         self._exchange = exchange
         self._shm: shared_memory.SharedMemory | None = None
+        self._private: np.ndarray | None = None  # the segment of a rank alone on its node
         self._buckets = 0
         self._rounds = 0
 
@@ -597,12 +602,22 @@ class SharedMemoryAllReduce(AllReduce):
 
     def create(self) -> None:
         """First phase: the leader of each node makes its node's segment (and, over
-        gloo, joins the other leaders: every rank runs this phase at the same time)."""
+        gloo, joins the other leaders: every rank runs this phase at the same time).
+
+        A rank alone on its node shares its segment with no one, so it keeps it in
+        private memory: ``/dev/shm`` pages may not be huge pages, and the sums, the
+        optimizer and gloo all run slower on them.
+        """
         if self.is_leader:
-            self._shm = shared_memory.SharedMemory(
-                name=self.segment_name, create=True, size=self.layout.size
-            )
-            np.ndarray((self.layout.local_size,), np.int64, self._shm.buf)[:] = 0
+            counters: Any
+            if self.layout.local_size == 1:
+                counters = self._private = np.empty(self.layout.size, np.uint8)
+            else:
+                self._shm = shared_memory.SharedMemory(
+                    name=self.segment_name, create=True, size=self.layout.size
+                )
+                counters = self._shm.buf
+            np.ndarray((self.layout.local_size,), np.int64, counters)[:] = 0
             if self.leader_link == "gloo":
                 reason = backend_unavailable_reason("gloo")
                 if reason is not None:
@@ -632,9 +647,11 @@ class SharedMemoryAllReduce(AllReduce):
             self._shm.unlink()
 
     def _map(self) -> None:
-        assert self._shm is not None
         layout = self.layout
-        buf = self._shm.buf
+        buf: Any = self._private
+        if buf is None:
+            assert self._shm is not None
+            buf = self._shm.buf
         counters = np.ndarray((layout.local_size,), np.int64, buf)
         self._barrier = SharedMemoryBarrier(counters, self.local_index, self.timeout_s)
         self._finite = np.ndarray((layout.local_size,), np.int64, buf, layout.counters_bytes)
@@ -717,32 +734,72 @@ class SharedMemoryAllReduce(AllReduce):
     ) -> bool:
         """Leaders only: each sums its node's whole subtrees, then (over gloo) all gather
         those and finish the tree, or (through Ray) each finishes one chunk of the
-        elements and all swap chunks; whether the sum is finite."""
-        topology = self.topology
-        nodes = topology.num_nodes
-        covers = _covers(topology.node_of_rank, num_slots)
+        elements and all swap chunks; whether the sum is finite.
+
+        Over gloo this goes ``leader_piece`` elements of the rows at a time, as gloo's
+        own buckets do: a piece's partial sums, gloo's copies of it and the final sum
+        then stay in cache, where whole rows of many megabytes would not.
+        """
+        if self.leader_link != "gloo":
+            return self._swap_across_nodes(slots, result, num_slots, n)
+        finite = True
+        for lo in range(0, n, self.leader_piece):
+            hi = min(lo + self.leader_piece, n)
+            piece_finite = self._gloo_across_nodes(
+                slots[:, lo:hi], result[lo:hi], num_slots, ordered
+            )
+            finite = finite and piece_finite
+        return finite
+
+    def _gloo_across_nodes(
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, ordered: bool
+    ) -> bool:
+        """One piece of :meth:`_reduce_across_nodes` over gloo (``result`` is the piece)."""
+        from ray.util import collective
+
+        covers = _covers(self.topology.node_of_rank, num_slots)
+        own = covers[self.node]
+        m = result.shape[0]
         # Private memory for what leaves the node: gloo is several times slower on a
         # shared-memory mapping.
-        partials = self._scratch("partials", (max(len(c) for c in covers), n))
-        for row, span in zip(partials, covers[self.node], strict=False):
-            _blocked_sum(_leaves(slots[span[0] : span[1], :n], span[0]), span, row)
-        if self.leader_link == "gloo":
-            from ray.util import collective
-
-            if not ordered:  # any order: gloo's own all-reduce of the node's sum
-                total = partials[0]
-                if not covers[self.node]:
-                    total[...] = 0
-                for row in partials[1 : len(covers[self.node])]:
+        partials = self._scratch_rows("partials", max(len(c) for c in covers), m)
+        if not ordered:
+            # Any order: gloo's own all-reduce of the node's sum, made in place where
+            # the segment is private.
+            total = result if self._private is not None else partials[0]
+            if not own:
+                total[...] = 0
+            for k, span in enumerate(own):
+                row = total if k == 0 else partials[k]
+                _blocked_sum(_leaves(slots[span[0] : span[1]], span[0]), span, row)
+                if k:
                     total += row
-                collective.allreduce(total, group_name=self._leader_group)
-                result[:n] = total
-                return bool(np.isfinite(total).all())
-            received = [self._scratch(f"received{k}", partials.shape) for k in range(nodes)]
-            collective.allgather(received, partials, group_name=self._leader_group)
-            return _blocked_sum(_given(covers, received), (0, num_slots), result[:n])
+            collective.allreduce(total, group_name=self._leader_group)
+            if self._private is None:
+                result[...] = total
+            return bool(np.isfinite(total).all())
+        for row, span in zip(partials, own, strict=False):
+            _blocked_sum(_leaves(slots[span[0] : span[1]], span[0]), span, row)
+        received = [
+            self._scratch_rows(f"received{k}", partials.shape[0], m)
+            for k in range(self.topology.num_nodes)
+        ]
+        collective.allgather(received, partials, group_name=self._leader_group)
+        return _blocked_sum(_given(covers, received), (0, num_slots), result)
+
+    def _swap_across_nodes(
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int
+    ) -> bool:
+        """:meth:`_reduce_across_nodes` through Ray's object store, in one piece (every
+        swap is a round trip through an actor)."""
+        nodes = self.topology.num_nodes
+        covers = _covers(self.topology.node_of_rank, num_slots)
+        own = covers[self.node]
+        partials = self._scratch_rows("partials", max(len(c) for c in covers), n)
+        for row, span in zip(partials, own, strict=False):
+            _blocked_sum(_leaves(slots[span[0] : span[1], :n], span[0]), span, row)
         bounds = chunk_bounds(n, nodes)
-        mine = partials[: len(covers[self.node])]
+        mine = partials[: len(own)]
         outgoing = [np.ascontiguousarray(mine[:, bounds[k] : bounds[k + 1]]) for k in range(nodes)]
         incoming = self._swap(outgoing)
         lo, hi = bounds[self.node], bounds[self.node + 1]
@@ -752,13 +809,14 @@ class SharedMemoryAllReduce(AllReduce):
             result[bounds[node] : bounds[node + 1]] = block
         return bool(np.isfinite(result[:n]).all())
 
-    def _scratch(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A private work array, kept from one call to the next (no page faults)."""
+    def _scratch_rows(self, name: str, rows: int, length: int) -> np.ndarray:
+        """A private, contiguous ``(rows, length)`` work array, carved from one kept from
+        call to call (no page faults) and grown when too small."""
         scratch = self.__dict__.setdefault("_scratch_arrays", {})
         array = scratch.get(name)
-        if array is None or array.shape != shape:
-            array = scratch[name] = np.empty(shape, self.dtype)
-        return array
+        if array is None or array.size < rows * length:
+            array = scratch[name] = np.empty(rows * length, self.dtype)
+        return array[: rows * length].reshape(rows, length)
 
     def _swap(self, outgoing: list[np.ndarray]) -> list[np.ndarray]:
         """Send ``outgoing[k]`` to the leader of node ``k``; receive one array from each."""
@@ -782,10 +840,12 @@ class SharedMemoryAllReduce(AllReduce):
 
             self._leader_group_open = False
             collective.destroy_collective_group(self._leader_group)
-        if self._shm is not None:
+        if self._shm is not None or self._private is not None:
             self._slots, self._results = [], []
             self._shared = np.empty((0, 0), self.dtype)
             self._barrier = None  # type: ignore[assignment]
+            self._private = None
+        if self._shm is not None:
             try:
                 self._shm.close()
             except BufferError:  # a view is still alive somewhere; the process exit frees it
