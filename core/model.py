@@ -31,6 +31,22 @@ def _feeds_relu(layers: list[Layer], index: int) -> bool:
     return False
 
 
+def _run_order(layers: list[Layer]) -> list[Layer]:
+    """The layers in the order they run: as listed, except that a ReLU just before a
+    max pooling runs after it instead, on a quarter of the numbers (for 2x2 windows).
+
+    The two orders give the same numbers (a zero may change sign): the maximum of ReLUs
+    is the ReLU of the maximum, and where a window's maximum is positive it is the
+    same element either way, so the gradient goes to the same input; where it is
+    not, the ReLU zeroes the gradient either way.
+    """
+    order = list(layers)
+    for i in range(len(order) - 1):
+        if order[i].type == "relu" and order[i + 1].type == "maxpool2d":
+            order[i], order[i + 1] = order[i + 1], order[i]
+    return order
+
+
 @dataclass(frozen=True)
 class LayerSummary:
     index: int
@@ -158,6 +174,7 @@ class Model:
     ) -> None:
         self.spec = spec
         self.layers = layers
+        self._run_order = _run_order(layers)
         self.input_shape = input_shape
         self.output_shape = layers[-1].output_shape
         self.dtype = np.dtype(dtype)
@@ -205,7 +222,7 @@ class Model:
             x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
             if self.input_shape[0] > 1:
                 x = self.xp.ascontiguousarray(x)
-        for layer in self.layers:
+        for layer in self._run_order:
             x = layer.forward(x, training)
         if is_image(self.output_shape):
             x = x.transpose(0, 3, 1, 2)
@@ -216,7 +233,7 @@ class Model:
         dy = doutputs
         if is_image(self.output_shape):
             dy = dy.transpose(0, 2, 3, 1)
-        for layer in reversed(self.layers):
+        for layer in reversed(self._run_order):
             dy = layer.backward(dy)
 
     def zero_grad(self) -> None:

@@ -303,6 +303,46 @@ def test_whole_model_gradients_with_nchw_inputs(rng: np.random.Generator) -> Non
         np.testing.assert_allclose(analytic[name], numeric, rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.parametrize(("pool", "stride"), [(2, 2), (3, 2), (2, 1)])
+def test_relu_before_maxpool_gives_the_numbers_of_the_listed_order(
+    pool: int, stride: int, rng: np.random.Generator
+) -> None:
+    """The model runs a ReLU after the max pooling that follows it; forward values and
+    every gradient equal those of running the layers as listed."""
+    spec = {
+        "layers": [
+            {"type": "conv2d", "filters": 3, "kernel_size": 3, "padding": 1},
+            {"type": "relu"},
+            {"type": "maxpool2d", "pool_size": pool, "stride": stride},
+            {"type": "flatten"},
+            {"type": "dense", "units": 4},
+        ],
+        "loss": "softmax_cross_entropy",
+    }
+    model = build_model(spec, (2, 7, 7), seed=5)
+    assert [layer.type for layer in model._run_order][1:3] == ["maxpool2d", "relu"]
+    # Whole numbers: many ties within windows, and windows with no positive value.
+    x = rng.integers(-3, 3, size=(6, 2, 7, 7)).astype(np.float32)
+    labels = rng.integers(0, 4, size=6)
+
+    model.zero_grad()
+    outputs = model.forward(x, training=True)
+    _, dlogits = loss("softmax_cross_entropy", outputs, labels)
+    model.backward(dlogits)
+    got = [np.array(grad) for _, _, grad in model.parameters()]
+
+    model.zero_grad()
+    h = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    for layer in model.layers:
+        h = layer.forward(h, True)
+    np.testing.assert_array_equal(h, outputs)
+    d = dlogits
+    for layer in reversed(model.layers):
+        d = layer.backward(d)
+    for (name, _, grad), mine in zip(model.parameters(), got, strict=True):
+        np.testing.assert_array_equal(grad, mine, err_msg=name)
+
+
 # --- forward values, layouts and conventions ----------------------------------------------
 
 
