@@ -3,18 +3,18 @@
     python bench/allreduce.py [--sizes-mb 1 4 16 64] [--workers 2 4] [--repeats 10] [--nodes 2]
 
 For each buffer size and number of workers, every backend reduces a float32
-buffer in two modes:
-``slots=N`` (one contribution per worker; gloo uses its own all-reduce) and
-``slots=8`` (deterministic mode: eight micro-shard contributions summed in
-order). Each backend has its own worker group, and the groups take turns: each
-turn times ``--repeats`` reduces after five warm-up rounds, four turns per
-backend, so that both backends meet the same spells of load from other
-processes. Reported: the median time of rank 0 over all turns, the algorithm bandwidth
-``size / time`` and the bus bandwidth ``algbw * 2 (N - 1) / N`` (the NCCL-tests
-convention, comparable across worker counts), and the ratio gloo / ray. The
-``ray`` backend is timed as training uses it: the rows already lie in shared
-memory, where a worker's backward wrote them, and the sum is read where it was
-made; gloo copies each rank's rows in and the sum out.
+buffer in two modes: ``slots=N`` (one contribution per worker; gloo uses its
+own all-reduce) and ``slots=8`` (deterministic mode: eight micro-shard
+contributions summed in order). Each backend has its own worker group, and the
+groups take turns: a turn times ``--repeats`` reduces after five warm-up
+rounds, four turns per backend, so that both backends meet the same spells of
+load from other processes. Reported: the median time of rank 0 over all turns,
+the algorithm bandwidth ``size / time`` and the bus bandwidth
+``algbw * 2 (N - 1) / N`` (the NCCL-tests convention, comparable across worker
+counts), and the ratio gloo / ray. The ``ray`` backend is timed as training
+uses it: the rows already lie in shared memory, where a worker's backward wrote
+them, and the sum is read where it was made; gloo copies each rank's rows in
+and the sum out.
 
 ``--nodes 2`` starts a two-node Ray cluster on this machine
 (``ray.cluster_utils.Cluster``) and places the first half of the ranks on one
