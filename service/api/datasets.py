@@ -35,8 +35,13 @@ async def upload_dataset(
         upload = await run_in_threadpool(dataset_service.parse_upload, data, kind=format, name=name)
     except dataset_service.DatasetError as exc:
         raise Invalid(("body",), str(exc)) from None
-    version = dataset_service.create_version(
-        session=session, store=store, team=team, name=name, upload=upload
+    version = await run_in_threadpool(
+        dataset_service.create_version,
+        session=session,
+        store=store,
+        team=team,
+        name=name,
+        upload=upload,
     )
     return DatasetPublic.model_validate(version)
 

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from service import jobs as job_service
 from service import results
@@ -18,7 +19,7 @@ from service.api.body import read_json_object
 from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
 from service.datasets import resolve_version
 from service.errors import NotFound
-from service.models import TERMINAL_STATUSES, Job, JobStatus
+from service.models import TERMINAL_STATUSES, Job, JobStatus, Team
 from service.predict import ModelCache, predict
 from service.schemas import (
     AttemptPublic,
@@ -160,14 +161,10 @@ async def predict_route(
     body = PredictRequest.model_validate(
         await read_json_object(request, context.settings.max_body_bytes)
     )
-    job = job_service.get_job(session=session, team=team, job_id=job_id)
-    if job.model_sha256 is None:
-        raise NotFound(f"job {job_id} has no model yet (status {job.status})")
-    dataset = resolve_version(
-        session=session, team=team, name=job.dataset_name, version=job.dataset_version
+    model_sha256, input_shape = await run_in_threadpool(
+        _model_of, session=session, team=team, job_id=job_id
     )
-    input_shape = tuple(dataset.input_shape) if dataset else ()
-    loaded = await run_in_threadpool(_models.get, store, job.model_sha256, input_shape)
+    loaded = await run_in_threadpool(_models.get, store, model_sha256, input_shape)
     outputs, predicted = await run_in_threadpool(
         partial(predict, max_new_tokens=body.max_new_tokens, temperature=body.temperature),
         loaded,
@@ -176,12 +173,24 @@ async def predict_route(
     return PredictResponse(outputs=outputs, predictions=predicted)
 
 
+def _model_of(*, session: Session, team: Team, job_id: int) -> tuple[str, tuple[int, ...]]:
+    """The job's model (its digest) and the input shape of its dataset, in a worker
+    thread: the two queries block."""
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    if job.model_sha256 is None:
+        raise NotFound(f"job {job_id} has no model yet (status {job.status})")
+    dataset = resolve_version(
+        session=session, team=team, name=job.dataset_name, version=job.dataset_version
+    )
+    return job.model_sha256, tuple(dataset.input_shape) if dataset else ()
+
+
 @router.get("/{job_id}/events")
 async def job_events(
     job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
 ) -> StreamingResponse:
     """Server-sent events: ``status`` when it changes, ``metric`` rows as they arrive."""
-    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    job = await run_in_threadpool(job_service.get_job, session=session, team=team, job_id=job_id)
     factory = context.session_factory
 
     def poll(last_step: int) -> tuple[str, results.Series]:
