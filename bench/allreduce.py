@@ -118,6 +118,7 @@ def join(group: WorkerGroup, backend: str, num_slots: int, n: int) -> None:
         node_ids=tuple(info.node_id for info in group.infos),
         name=f"bench-{uuid.uuid4().hex[:10]}",
         num_slots=num_slots,
+        shm_free_bytes=group.shm_free_bytes(),
     )
     nodes = Topology.from_node_ids(setup.node_ids).num_nodes
     exchange = None

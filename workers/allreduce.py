@@ -68,10 +68,15 @@ from core.backend import array_module
 from workers.config import (
     ALLREDUCE_BUCKET_BYTES,
     ALLREDUCE_RESIDENT_MAX_BYTES,
+    ALLREDUCE_SHM_SHARE,
     ALLREDUCE_TIMEOUT_S,
     BARRIER_MAX_SLEEP_S,
 )
-from workers.errors import AllReduceTimeoutError, BackendUnavailableError
+from workers.errors import (
+    AllReduceTimeoutError,
+    BackendUnavailableError,
+    SharedMemoryTooSmallError,
+)
 
 BACKENDS = ("ray", "gloo", "nccl")
 _CACHE_LINE_BYTES = 64
@@ -349,6 +354,11 @@ class AllReduceSetup:
     #: How the ``ray`` backend's node leaders talk: ``gloo`` or ``ray`` (the object
     #: store); None picks gloo where it is installed.
     leader_link: str | None = None
+    #: The least free ``/dev/shm``, in bytes, on a node with several ranks (None: not
+    #: known, or no such node). A node's segment takes at most ``ALLREDUCE_SHM_SHARE``
+    #: of it: a segment larger than the space left would kill its workers (SIGBUS)
+    #: when they write past it.
+    shm_free_bytes: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -384,8 +394,12 @@ def make_allreduce(
     """
     bucket_elements = bucket_elements_for(dtype, setup.bucket_bytes)
     if setup.backend == "ray":
-        rows = setup.num_slots + 1 + shared_rows
-        resident = rows * vector_size * np.dtype(dtype).itemsize <= setup.resident_max_bytes
+        resident, segment_bucket = segment_plan(
+            setup,
+            vector_size=vector_size,
+            itemsize=np.dtype(dtype).itemsize,
+            shared_rows=shared_rows,
+        )
         leader_link = setup._leader_link()
         backend = SharedMemoryAllReduce(
             rank=rank,
@@ -394,7 +408,7 @@ def make_allreduce(
             num_slots=setup.num_slots,
             vector_size=vector_size,
             dtype=dtype,
-            bucket_elements=vector_size if resident else bucket_elements,
+            bucket_elements=segment_bucket,
             exchange=exchange,
             timeout_s=setup.timeout_s,
             resident=resident,
@@ -415,6 +429,43 @@ def make_allreduce(
             timeout_s=setup.timeout_s,
         )
     raise BackendUnavailableError(backend_unavailable_reason(setup.backend) or setup.backend)
+
+
+#: Fewest elements in a bucket of the ``ray`` backend's segment.
+MIN_SEGMENT_BUCKET_ELEMENTS = 1 << 14
+
+
+def segment_plan(
+    setup: AllReduceSetup, *, vector_size: int, itemsize: int, shared_rows: int
+) -> tuple[bool, int]:
+    """Whether the ``ray`` backend's segment holds whole rows (resident), and its bucket in
+    elements: the same on every rank, as it depends on ``setup`` and sizes alone.
+
+    Rows are resident when the slot rows, the result and the shared rows fit both
+    ``resident_max_bytes`` and the share of ``/dev/shm`` allowed; otherwise buckets
+    are ``bucket_bytes`` or smaller, so that the segment fits that share.
+    Raises :class:`SharedMemoryTooSmallError` when not even small buckets fit.
+    """
+    free = setup.shm_free_bytes
+    allowed = None if free is None else int(free * ALLREDUCE_SHM_SHARE)
+    whole = (setup.num_slots + 1 + shared_rows) * vector_size * itemsize
+    if whole <= setup.resident_max_bytes and (allowed is None or whole <= allowed):
+        return True, vector_size
+    bucket = min(max(setup.bucket_bytes // itemsize, 1), max(vector_size, 1))
+    if free is not None and allowed is not None:
+        # Two sets of (slot rows, result), and a few cache lines of counters.
+        fits = (allowed - 4096) // (2 * (setup.num_slots + 1) * itemsize)
+        least = min(MIN_SEGMENT_BUCKET_ELEMENTS, max(vector_size, 1))
+        if fits < least:
+            need = (2 * (setup.num_slots + 1) * itemsize * least + 4096) / ALLREDUCE_SHM_SHARE
+            raise SharedMemoryTooSmallError(
+                f"/dev/shm has {free / 2**20:.1f} MiB free on a node with "
+                f"several workers; the ray all-reduce needs {need / 2**20:.1f} MiB free "
+                "there: give the node more shared memory (docker --shm-size), "
+                "run one worker per node, or use the gloo backend"
+            )
+        bucket = min(bucket, fits)
+    return False, bucket
 
 
 def bucket_elements_for(dtype: Any, bucket_bytes: int = ALLREDUCE_BUCKET_BYTES) -> int:

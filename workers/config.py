@@ -27,6 +27,9 @@ ALLREDUCE_BUCKET_BYTES = _env_int("ALLREDUCE_BUCKET_BYTES", 4 * 1024 * 1024)
 #: node, so workers compute into it and read the sum from it with no copies; larger ones
 #: reduce bucket by bucket.
 ALLREDUCE_RESIDENT_MAX_BYTES = _env_int("ALLREDUCE_RESIDENT_MAX_BYTES", 1 << 30)
+#: Share of a node's free ``/dev/shm`` (measured when its workers start) that one
+#: group's segment may take; the rest is left to other groups and processes.
+ALLREDUCE_SHM_SHARE = _env_float("ALLREDUCE_SHM_SHARE", 0.5)
 #: Longest sleep between two looks at a shared-memory barrier (the wait backs off up to it).
 BARRIER_MAX_SLEEP_S = _env_float("BARRIER_MAX_SLEEP_S", 0.0002)
 #: How long a worker group may wait for its resources and for its actors to start.

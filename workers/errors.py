@@ -31,6 +31,10 @@ class BackendUnavailableError(WorkersError):
     """An all-reduce backend whose dependencies or devices are missing here."""
 
 
+class SharedMemoryTooSmallError(BackendUnavailableError):
+    """A node's ``/dev/shm`` has too little free space for the ``ray`` all-reduce."""
+
+
 class TrainingDivergedError(WorkersError):
     """The loss or gradients became NaN or infinite too many times; ``reason`` says why."""
 

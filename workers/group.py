@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,6 +219,7 @@ class WorkerGroup:
 
     def setup_allreduce(self, backend: str, *, num_slots: int, **options: Any) -> None:
         """Join every worker to one all-reduce (after each has set up its job)."""
+        options.setdefault("shm_free_bytes", self.shm_free_bytes())
         setup = AllReduceSetup(
             backend=backend,
             node_ids=tuple(info.node_id for info in self.infos),
@@ -236,6 +238,17 @@ class WorkerGroup:
         self.execute("setup_allreduce", setup, "create", exchange)
         self.execute("setup_allreduce", setup, "attach")
         self.execute("setup_allreduce", setup, "seal")
+
+    def shm_free_bytes(self) -> int | None:
+        """The least free ``/dev/shm`` seen at start on a node that holds several ranks,
+        where the ``ray`` all-reduce puts its segment (None: no such node, or not known)."""
+        ranks_on = Counter(info.node_id for info in self.infos)
+        free = [
+            info.shm_free_bytes
+            for info in self.infos
+            if ranks_on[info.node_id] > 1 and info.shm_free_bytes is not None
+        ]
+        return min(free) if free else None
 
     def poll_status(self, timeout_s: float = 5.0) -> WorkerGroupStatus:
         """Which workers answer a ping within ``timeout_s``."""

@@ -51,6 +51,18 @@ class WorkerInfo:
     pid: int
     node_id: str
     hostname: str
+    #: Free space in the node's ``/dev/shm`` when the worker started (None: no such
+    #: file system here).
+    shm_free_bytes: int | None = None
+
+
+def shm_free_bytes(path: str = "/dev/shm") -> int | None:
+    """Bytes free in the shared-memory file system at ``path`` (None where there is none)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 @dataclass(frozen=True)
@@ -114,7 +126,11 @@ class TrainWorker:
     def info(self) -> WorkerInfo:
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return WorkerInfo(
-            rank=self.rank, pid=os.getpid(), node_id=node_id, hostname=socket.gethostname()
+            rank=self.rank,
+            pid=os.getpid(),
+            node_id=node_id,
+            hostname=socket.gethostname(),
+            shm_free_bytes=shm_free_bytes(),
         )
 
     def ping(self) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.allreduce import AllReduce, AllReduceSetup, make_allreduce
+from workers.allreduce import AllReduce, AllReduceSetup, SharedMemoryAllReduce, make_allreduce
 from workers.errors import AllReduceTimeoutError
 from workers.worker import TrainWorker
 
@@ -47,6 +47,11 @@ class ReduceProbe:
         else:
             assert self.backend is not None
             self.backend.seal()
+
+    def segment(self) -> tuple[bool, int]:
+        """Whether the ``ray`` backend's rows are resident, and its segment's size."""
+        assert isinstance(self.backend, SharedMemoryAllReduce)
+        return self.backend.resident_views() is not None, self.backend.layout.size
 
     def reduce(self, rows: np.ndarray, num_slots: int, ordered: bool = True) -> np.ndarray:
         assert self.backend is not None

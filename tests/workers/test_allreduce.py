@@ -9,6 +9,7 @@ import ray
 from tests.workers.conftest import available
 from tests.workers.probes import ReduceProbe
 from workers.allreduce import (
+    MIN_SEGMENT_BUCKET_ELEMENTS,
     AllReduceSetup,
     LeaderExchange,
     Topology,
@@ -16,10 +17,12 @@ from workers.allreduce import (
     chunk_bounds,
     ordered_sum,
     owned_slots,
+    segment_plan,
     tree_cover,
     tree_sum,
 )
-from workers.errors import AllReduceTimeoutError
+from workers.config import ALLREDUCE_BUCKET_BYTES, ALLREDUCE_SHM_SHARE
+from workers.errors import AllReduceTimeoutError, SharedMemoryTooSmallError
 from workers.group import WorkerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -108,6 +111,7 @@ def join(
     timeout_s: float = 30.0,
     resident_max_bytes: int = 0,
     leader_link: str | None = None,
+    shm_free_bytes: int | None = None,
 ) -> None:
     """Set up ``group``'s probes with their own all-reduce (``node_ids`` may pretend
     that ranks on this machine live on different nodes)."""
@@ -120,6 +124,7 @@ def join(
         timeout_s=timeout_s,
         resident_max_bytes=resident_max_bytes,
         leader_link=leader_link,
+        shm_free_bytes=shm_free_bytes,
     )
     topology = Topology.from_node_ids(setup.node_ids)
     exchange = None
@@ -240,6 +245,44 @@ def test_resident_rows_are_summed_in_place_in_slot_order(
                 for result, finite in group.gather(refs):
                     assert finite is not poisoned
                     assert np.array_equal(result, expected, equal_nan=True)
+
+
+def test_the_segment_plan_fits_the_free_shared_memory() -> None:
+    def plan(free: int | None, vector_size: int = 1_000_000) -> tuple[bool, int]:
+        setup = AllReduceSetup(
+            backend="ray", node_ids=("a", "a"), name="plan", num_slots=8, shm_free_bytes=free
+        )
+        return segment_plan(setup, vector_size=vector_size, itemsize=4, shared_rows=2)
+
+    whole = 11 * 1_000_000 * 4  # 8 slot rows, the result and 2 shared rows
+    assert plan(None) == (True, 1_000_000)
+    assert plan(int(whole / ALLREDUCE_SHM_SHARE)) == (True, 1_000_000)
+    resident, bucket = plan(64 << 20)  # Docker's default /dev/shm
+    assert not resident
+    assert 2 * 9 * bucket * 4 <= (64 << 20) * ALLREDUCE_SHM_SHARE - 4096
+    assert MIN_SEGMENT_BUCKET_ELEMENTS <= bucket <= ALLREDUCE_BUCKET_BYTES // 4
+    with pytest.raises(SharedMemoryTooSmallError, match=r"/dev/shm has 0\.5 MiB free.*shm-size"):
+        plan(512 << 10)
+
+
+def test_the_segment_fits_the_free_shared_memory_and_sums_the_same(
+    rng: np.random.Generator,
+) -> None:
+    n, free = 70_001, 4 << 20  # whole rows would take 2.5 MB, more than half of 4 MiB
+    with WorkerGroup.start(2, worker_cls=ReduceProbe) as group:
+        seen = group.shm_free_bytes()
+        assert seen is not None and seen > 0  # this machine's /dev/shm, both ranks on it
+        join(
+            group,
+            "ray",
+            num_slots=8,
+            vector_size=n,
+            resident_max_bytes=1 << 30,
+            shm_free_bytes=free,
+        )
+        for resident, size in group.execute("segment"):
+            assert not resident and size <= free * ALLREDUCE_SHM_SHARE
+        check_reduce(group, rng, num_slots=8, n=n)
 
 
 def test_a_missing_peer_times_out_with_a_typed_error() -> None:
