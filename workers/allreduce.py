@@ -441,31 +441,49 @@ def segment_plan(
     """Whether the ``ray`` backend's segment holds whole rows (resident), and its bucket in
     elements: the same on every rank, as it depends on ``setup`` and sizes alone.
 
-    Rows are resident when the slot rows, the result and the shared rows fit both
-    ``resident_max_bytes`` and the share of ``/dev/shm`` allowed; otherwise buckets
-    are ``bucket_bytes`` or smaller, so that the segment fits that share.
+    Rows are resident when the slot rows, the result and the shared rows fit
+    ``resident_max_bytes``, and the segment (:class:`SharedMemoryLayout`, on the
+    node with the most ranks) fits the share of ``/dev/shm`` allowed; otherwise
+    buckets are ``bucket_bytes`` or smaller, so that the segment fits that share.
     Raises :class:`SharedMemoryTooSmallError` when not even small buckets fit.
     """
+    topology = Topology.from_node_ids(setup.node_ids)
+    local_size = max(len(topology.local_ranks(node)) for node in range(topology.num_nodes))
+
+    def layout(bucket: int, resident: bool) -> SharedMemoryLayout:
+        return SharedMemoryLayout(
+            local_size=local_size,
+            num_slots=setup.num_slots,
+            bucket_elements=bucket,
+            itemsize=itemsize,
+            halves=1 if resident else 2,
+            shared_rows=shared_rows if resident else 0,
+        )
+
     free = setup.shm_free_bytes
     allowed = None if free is None else int(free * ALLREDUCE_SHM_SHARE)
-    whole = (setup.num_slots + 1 + shared_rows) * vector_size * itemsize
-    if whole <= setup.resident_max_bytes and (allowed is None or whole <= allowed):
+    rows_bytes = (setup.num_slots + 1 + shared_rows) * vector_size * itemsize
+    if rows_bytes <= setup.resident_max_bytes and (
+        allowed is None or layout(vector_size, True).size <= allowed
+    ):
         return True, vector_size
     bucket = min(max(setup.bucket_bytes // itemsize, 1), max(vector_size, 1))
-    if free is not None and allowed is not None:
-        # Two sets of (slot rows, result), and a few cache lines of counters.
-        fits = (allowed - 4096) // (2 * (setup.num_slots + 1) * itemsize)
-        least = min(MIN_SEGMENT_BUCKET_ELEMENTS, max(vector_size, 1))
-        if fits < least:
-            need = (2 * (setup.num_slots + 1) * itemsize * least + 4096) / ALLREDUCE_SHM_SHARE
-            raise SharedMemoryTooSmallError(
-                f"/dev/shm has {free / 2**20:.1f} MiB free on a node with "
-                f"several workers; the ray all-reduce needs {need / 2**20:.1f} MiB free "
-                "there: give the node more shared memory (docker --shm-size), "
-                "run one worker per node, or use the gloo backend"
-            )
-        bucket = min(bucket, fits)
-    return False, bucket
+    if free is None or allowed is None:
+        return False, bucket
+    # Past its counters, a segment grows in proportion to its bucket.
+    unit = layout(1, False)
+    counters = 2 * unit.counters_bytes
+    fits = (allowed - counters) // (unit.size - counters)
+    least = min(MIN_SEGMENT_BUCKET_ELEMENTS, max(vector_size, 1))
+    if fits < least:
+        need = layout(least, False).size / ALLREDUCE_SHM_SHARE
+        raise SharedMemoryTooSmallError(
+            f"/dev/shm has {free / 2**20:.1f} MiB free on a node with "
+            f"several workers; the ray all-reduce needs {need / 2**20:.1f} MiB free "
+            "there: give the node more shared memory (docker --shm-size), "
+            "run one worker per node, or use the gloo backend"
+        )
+    return False, min(bucket, fits)
 
 
 def bucket_elements_for(dtype: Any, bucket_bytes: int = ALLREDUCE_BUCKET_BYTES) -> int:
@@ -775,7 +793,7 @@ class SharedMemoryAllReduce(AllReduce):
         if self.topology.num_nodes == 1:
             bounds = chunk_bounds(n, len(self.local_ranks))
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
-            return _blocked_sum(_leaves(slots[:num_slots, lo:hi]), (0, num_slots), result[lo:hi])
+            return _sum_span(slots[:, lo:hi], (0, num_slots), result[lo:hi])
         if self.is_leader:
             return self._reduce_across_nodes(slots, result, num_slots, n, ordered)
         return True
@@ -822,7 +840,7 @@ class SharedMemoryAllReduce(AllReduce):
                 total[...] = 0
             for k, span in enumerate(own):
                 row = total if k == 0 else partials[k]
-                _blocked_sum(_leaves(slots[span[0] : span[1]], span[0]), span, row)
+                _sum_span(slots, span, row)
                 if k:
                     total += row
             collective.allreduce(total, group_name=self._leader_group)
@@ -830,7 +848,7 @@ class SharedMemoryAllReduce(AllReduce):
                 result[...] = total
             return bool(np.isfinite(total).all())
         for row, span in zip(partials, own, strict=False):
-            _blocked_sum(_leaves(slots[span[0] : span[1]], span[0]), span, row)
+            _sum_span(slots, span, row)
         received = [
             self._scratch_rows(f"received{k}", partials.shape[0], m)
             for k in range(self.topology.num_nodes)
@@ -848,7 +866,7 @@ class SharedMemoryAllReduce(AllReduce):
         own = covers[self.node]
         partials = self._scratch_rows("partials", max(len(c) for c in covers), n)
         for row, span in zip(partials, own, strict=False):
-            _blocked_sum(_leaves(slots[span[0] : span[1], :n], span[0]), span, row)
+            _sum_span(slots[:, :n], span, row)
         bounds = chunk_bounds(n, nodes)
         mine = partials[: len(own)]
         outgoing = [np.ascontiguousarray(mine[:, bounds[k] : bounds[k + 1]]) for k in range(nodes)]
@@ -902,6 +920,12 @@ class SharedMemoryAllReduce(AllReduce):
             except BufferError:  # a view is still alive somewhere; the process exit frees it
                 pass
             self._shm = None
+
+
+def _sum_span(slots: np.ndarray, span: Span, out: np.ndarray) -> bool:
+    """``out`` = the sum of slot rows ``span[0]..span[1]-1``, a subtree (see
+    :func:`_blocked_sum`); whether it is finite."""
+    return _blocked_sum(_leaves(slots[span[0] : span[1]], span[0]), span, out)
 
 
 def _blocked_sum(parts: Mapping[Span, Any], root: Span, out: np.ndarray) -> bool:

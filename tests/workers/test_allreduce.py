@@ -254,12 +254,16 @@ def test_the_segment_plan_fits_the_free_shared_memory() -> None:
         )
         return segment_plan(setup, vector_size=vector_size, itemsize=4, shared_rows=2)
 
-    whole = 11 * 1_000_000 * 4  # 8 slot rows, the result and 2 shared rows
+    # 8 slot rows, the result and 2 shared rows, after two cache lines of counters
+    whole = 2 * 64 + 11 * 1_000_000 * 4
     assert plan(None) == (True, 1_000_000)
     assert plan(int(whole / ALLREDUCE_SHM_SHARE)) == (True, 1_000_000)
+    assert not plan(int((whole - 4) / ALLREDUCE_SHM_SHARE))[0]
     resident, bucket = plan(64 << 20)  # Docker's default /dev/shm
     assert not resident
-    assert 2 * 9 * bucket * 4 <= (64 << 20) * ALLREDUCE_SHM_SHARE - 4096
+    # The largest bucket whose segment (two sets of 9 rows, after the counters) fits.
+    allowed = (64 << 20) * ALLREDUCE_SHM_SHARE
+    assert 2 * 64 + 2 * 9 * bucket * 4 <= allowed < 2 * 64 + 2 * 9 * (bucket + 1) * 4
     assert MIN_SEGMENT_BUCKET_ELEMENTS <= bucket <= ALLREDUCE_BUCKET_BYTES // 4
     with pytest.raises(SharedMemoryTooSmallError, match=r"/dev/shm has 0\.5 MiB free.*shm-size"):
         plan(512 << 10)
