@@ -29,7 +29,7 @@ import numpy as np
 import ray
 
 from workers.group import WorkerGroup
-from workers.trainer import CALL_TARGET_S, MAX_STEPS_PER_CALL
+from workers.trainer import steps_per_call
 from workers.worker import TrainWorker
 
 FEATURES, HIDDEN, CLASSES = 784, 1024, 10
@@ -92,9 +92,9 @@ def trainq(workers: int, batch: int, steps: int, threads: int, deterministic: bo
         )
         group.setup_allreduce("ray", num_slots=8 if deterministic else workers)
         warmup = group.execute("train_steps", 0, list(range(WARMUP_STEPS)))[0]
-        # As run_job does: about CALL_TARGET_S of steps per call, and the next call
+        # As run_job does: a few steps per call (steps_per_call), and the next call
         # made before the last one is answered.
-        per_call = max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / warmup[-1].seconds)))
+        per_call = steps_per_call(warmup[-1].seconds)
         timed = list(range(WARMUP_STEPS, WARMUP_STEPS + steps))
         started = time.perf_counter()
         in_flight = [

@@ -141,6 +141,12 @@ CALL_TARGET_S = 0.1
 MAX_STEPS_PER_CALL = 8
 
 
+def steps_per_call(step_seconds: float) -> int:
+    """Steps to ask per call when a step takes ``step_seconds``: about
+    ``CALL_TARGET_S`` of work, at least one, at most ``MAX_STEPS_PER_CALL``."""
+    return max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / max(step_seconds, 1e-6))))
+
+
 class _Rollback(Exception):
     """The group must go back to the last good checkpoint."""
 
@@ -336,8 +342,7 @@ class _JobRun:
             # A cancel asked for at a step boundary counts no later step of the call.
             self._check_cancel()
             self._count_step(epoch, batch_index, [steps[index] for steps in per_rank], totals)
-        seconds = max(per_rank[0][-1].seconds, 1e-6)
-        return max(1, min(MAX_STEPS_PER_CALL, int(CALL_TARGET_S / seconds)))
+        return steps_per_call(per_rank[0][-1].seconds)
 
     def _count_step(
         self, epoch: int, batch_index: int, results: list[StepResult], totals: BatchStats
