@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,6 +239,28 @@ class Model:
     def zero_grad(self) -> None:
         for layer in self.layers:
             layer.zero_grad()
+
+    @property
+    def groupable(self) -> bool:
+        """Whether :meth:`set_groups` may run several groups of samples as one batch:
+        every layer treats each sample alone, and no layer keeps running statistics."""
+        return all(layer.groupable and not layer.buffers for layer in self.layers)
+
+    def set_groups(self, bounds: Sequence[int] | None, grad_rows: Sequence[Any] = ()) -> None:
+        """Run the next forward and backward on a batch of groups (only if
+        :attr:`groupable`): samples ``bounds[i]:bounds[i + 1]`` are group ``i``, and
+        the backward writes its gradients into ``grad_rows[i]`` (flat, laid out as
+        :meth:`grad_views`), the numbers a backward of that group alone writes.
+        ``None``: back to one batch, gradients into each layer's ``grads``."""
+        if bounds is None:
+            for layer in self.layers:
+                layer.set_groups(None)
+            return
+        if not self.groupable:
+            raise ValueError("this model cannot run groups as one batch (see Model.groupable)")
+        views = [iter(self.grad_views(row)) for row in grad_rows]
+        for layer in self.layers:
+            layer.set_groups(bounds, [{key: next(v) for key in layer.params} for v in views])
 
     def __call__(self, x: Any, training: bool = False) -> Any:
         return self.forward(x, training)

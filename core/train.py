@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -131,18 +132,47 @@ class Trainer:
         model.set_rng(np.random.default_rng([self.training.seed, 1, self.step, *rng_key]))
         y = model.xp.asarray(y)
         outputs = model.forward(x, training=True)
+        stats, doutputs = self._loss(outputs, y, scale)
+        model.backward(doutputs)
+        return stats
+
+    def compute_group_gradients(
+        self, x: Any, y: Any, bounds: Sequence[int], grad_rows: Sequence[Any], *, total: int
+    ) -> list[BatchStats]:
+        """:meth:`compute_gradients` of each group of samples ``bounds[i]:bounds[i + 1]``
+        of one batch, with scale (its size / ``total``), its gradients written into
+        ``grad_rows[i]`` (see :meth:`Model.set_groups`): the same numbers, in one
+        forward and backward of the whole batch. Only for a :attr:`Model.groupable`
+        model (no layer draws random numbers)."""
+        model = self.model
+        model.set_groups(bounds, grad_rows)
+        try:
+            y = model.xp.asarray(y)
+            outputs = model.forward(x, training=True)
+            doutputs = model.xp.empty_like(outputs)
+            stats = []
+            for lo, hi in pairwise(bounds):
+                group, doutputs[lo:hi] = self._loss(outputs[lo:hi], y[lo:hi], (hi - lo) / total)
+                stats.append(group)
+            model.backward(doutputs)
+        finally:
+            model.set_groups(None)
+        return stats
+
+    def _loss(self, outputs: Any, y: Any, scale: float) -> tuple[BatchStats, Any]:
+        """The batch's statistics, and ``scale`` * the gradient of its mean loss."""
         value, doutputs = loss(self.loss_name, outputs, y)
         if scale != 1.0:
             doutputs *= scale
-        model.backward(doutputs)
         right = correct_count(self.loss_name, outputs, y)
-        n = len(x)
-        return BatchStats(
+        n = len(outputs)
+        stats = BatchStats(
             loss_sum=value * n,
             samples=n,
             correct=right[0] if right else 0,
             predicted=right[1] if right else 0,
         )
+        return stats, doutputs
 
     def apply_gradients(
         self,

@@ -182,6 +182,7 @@ class TrainWorker:
         self.vector_size = self._grad_size + self._buffer_size + 1
         self._slots = owned_slots(self.rank, self.world_size, self.num_slots)
         self._rows: Any = None
+        self._row_list: list[Any] = []
         self._sum: Any = None
         n_train = len(self.data["X_train"])
         self.steps_per_epoch = math.ceil(n_train / spec.training.batch_size)
@@ -205,6 +206,7 @@ class TrainWorker:
             )
             xp = self.allreduce.xp
             self._rows = xp.zeros((len(self._slots), self.vector_size), dtype)
+            self._row_list = list(self._rows)
             self._sum = xp.zeros(self.vector_size, dtype)
             self._private_sum = self._sum
         elif phase == "attach":
@@ -214,6 +216,7 @@ class TrainWorker:
             self._resident = resident is not None
             if resident is not None:
                 self._rows, self._sum = resident
+                self._row_list = list(self._rows)
             shared = self.allreduce.shared_views()
             if shared is not None:
                 self._node_optimizer = NodeOptimizer(self.trainer, shared)
@@ -255,28 +258,46 @@ class TrainWorker:
         X, y = self.data["X_train"], self.data["y_train"]
         saved_buffers = [b.copy() for b in self._buffers]
         bind = self._binds_grads()
-        stats: list[SlotStats] = []
-        for row, slot in zip(self._rows, self._slots, strict=True):
-            lo, hi = bounds[slot], bounds[slot + 1]
-            if hi == lo:
+        batches: dict[int, BatchStats] = {}
+        filled = []
+        # The same row objects every step: the model keeps its views of each row.
+        for row, slot in zip(self._row_list, self._slots, strict=True):
+            if bounds[slot + 1] > bounds[slot]:
+                filled.append((row, slot))
+            else:
                 row[...] = 0
-                stats.append(SlotStats(slot, 0.0, 0, 0, 0))
-                continue
-            for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
-                buffer[...] = saved
-            if bind:
-                trainer.model.bind_grads(row)
-            trainer.model.zero_grad()
-            part = index[lo:hi]
-            batch = trainer.compute_gradients(
-                X[part], y[part], scale=(hi - lo) / len(index), rng_key=(slot,)
+        if bind and len(filled) > 1 and trainer.model.groupable:
+            # The slots in one forward and backward, each slot's numbers its own.
+            parts = [index[bounds[slot] : bounds[slot + 1]] for _, slot in filled]
+            rows = np.concatenate(parts)
+            groups = trainer.compute_group_gradients(
+                X[rows],
+                y[rows],
+                np.cumsum([0, *map(len, parts)]).tolist(),
+                [row for row, _ in filled],
+                total=len(index),
             )
+            batches = {slot: batch for (_, slot), batch in zip(filled, groups, strict=True)}
+        for row, slot in filled:
+            batch = batches.get(slot)
+            if batch is None:
+                for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
+                    buffer[...] = saved
+                if bind:
+                    trainer.model.bind_grads(row)
+                trainer.model.zero_grad()
+                part = index[bounds[slot] : bounds[slot + 1]]
+                batch = batches[slot] = trainer.compute_gradients(
+                    X[part], y[part], scale=len(part) / len(index), rng_key=(slot,)
+                )
             self._flatten_into(row, batch, grads=not bind)
-            stats.append(
-                SlotStats(slot, batch.loss_sum, batch.samples, batch.correct, batch.predicted)
-            )
         for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
             buffer[...] = saved
+        empty = BatchStats()
+        stats = [
+            SlotStats(slot, b.loss_sum, b.samples, b.correct, b.predicted)
+            for slot, b in ((slot, batches.get(slot, empty)) for slot in self._slots)
+        ]
         started = time.perf_counter()
         total = self._sum
         if self._resident:

@@ -26,6 +26,7 @@ class ReLU(Layer):
     """
 
     type = "relu"
+    groupable = True
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -66,6 +67,7 @@ class LeakyReLU(Layer):
     dx = dy * (1 if x > 0 else a)."""
 
     type = "leaky_relu"
+    groupable = True
 
     def forward(self, x: Any, training: bool) -> Any:
         self._x = x

@@ -16,6 +16,8 @@ with no transposes; :class:`core.model.Model` converts at its edges.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from itertools import pairwise
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -37,6 +39,11 @@ class Layer:
     type: ClassVar[str]
     #: Initialisation follows the next activation: He for (leaky) ReLU, Xavier otherwise.
     has_weights: ClassVar[bool] = False
+    #: Whether a batch made of groups of samples can run through this layer whole and
+    #: give every group the numbers it gets running alone: the layer treats each sample
+    #: by itself with exact arithmetic and, if it has parameters, takes each group's
+    #: gradients apart (see :meth:`set_groups`).
+    groupable: ClassVar[bool] = False
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
@@ -52,6 +59,12 @@ class Layer:
         #: Random source of layers that draw (dropout); the model sets it.
         self.rng: np.random.Generator = np.random.default_rng(0)
         self._overwrite_grads = True
+        #: Set by :meth:`set_groups`: sample bounds of the groups, and their gradients.
+        self._groups: tuple[int, ...] | None = None
+        self._group_grads: list[dict[str, Any]] = []
+        #: Per product shape and group sizes: whether one product of the whole batch
+        #: gives each group's rows exactly (see :meth:`_grouped_matmul`).
+        self._rows_agree: dict[tuple[Any, ...], bool] = {}
 
     # --- building ---------------------------------------------------------------
 
@@ -123,10 +136,79 @@ class Layer:
     def _grads_done(self) -> None:
         self._overwrite_grads = False
 
+    # --- batches of groups ------------------------------------------------------------
+
+    def set_groups(
+        self, bounds: Sequence[int] | None, grads: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Run the next forward and backward on a batch of groups: samples
+        ``bounds[i]:bounds[i + 1]`` are group ``i``, whose parameter gradients the
+        backward writes (not adds) into ``grads[i]``. ``None``: one batch, as usual."""
+        self._groups = None if bounds is None else tuple(bounds)
+        self._group_grads = [] if grads is None else grads
+
+    def _group_rows(self, rows: int) -> list[tuple[int, int]]:
+        """Each group's rows of a ``(rows, features)`` view of the batch."""
+        assert self._groups is not None
+        per_sample = rows // self._groups[-1]
+        bounds = self._groups
+        return [(lo * per_sample, hi * per_sample) for lo, hi in pairwise(bounds)]
+
+    def _grouped_matmul(self, a: Any, b: Any) -> Any:
+        """``a @ b`` on the rows of the batch: under :meth:`set_groups`, each group's
+        rows are exactly those of its own product.
+
+        One product of the whole batch is faster, and gives the same rows where the
+        BLAS runs the same kernel, in the same order, whatever the number of rows.
+        Whether it does, for these shapes and group sizes, is checked once (see
+        :func:`_products_agree`); where it does not (a single row takes a
+        matrix-vector kernel, a thin output a small-matrix one), the groups go one by one.
+        """
+        if self._groups is None:
+            return a @ b
+        spans = self._group_rows(a.shape[0])
+        key = (a.shape, a.strides, b.shape, b.strides, tuple(hi - lo for lo, hi in spans))
+        agree = self._rows_agree.get(key)
+        if agree is None:
+            agree = self._rows_agree[key] = _products_agree(self.xp, a, b, spans)
+        if agree:
+            return a @ b
+        return _group_products(self.xp, a, b, spans)
+
     def describe(self) -> str:
         fields = self.spec.model_dump(exclude={"type"})
         inner = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         return f"{self.type}({inner})"
+
+
+#: Numbers of each group compared, at least, before one product of the whole batch is
+#: trusted to give its rows: a product that sums in another order gives other bits
+#: for a good share of its numbers, but not for every one of them.
+_AGREE_MIN_NUMBERS = 4096
+_AGREE_MIN_DRAWS, _AGREE_MAX_DRAWS = 4, 256
+
+
+def _group_products(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> Any:
+    """``a @ b``, the rows of each span a product of their own."""
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    for lo, hi in spans:
+        xp.matmul(a[lo:hi], b, out=out[lo:hi])
+    return out
+
+
+def _products_agree(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> bool:
+    """Whether one product ``a @ b`` gives, bit for bit, the rows of the products span
+    by span: tried on random ``a``s (the same shape and layout) with the real ``b``."""
+    rows = min(hi - lo for lo, hi in spans)
+    draws = -(-_AGREE_MIN_NUMBERS // max(rows * b.shape[1], 1))
+    draws = min(max(draws, _AGREE_MIN_DRAWS), _AGREE_MAX_DRAWS)
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        trial = xp.empty_like(a)
+        trial[...] = xp.asarray(rng.standard_normal(a.shape, dtype=np.float32).astype(a.dtype))
+        if not bool(xp.array_equal(trial @ b, _group_products(xp, trial, b, spans))):
+            return False
+    return True
 
 
 def fan_in_out(shape: Shape) -> tuple[int, int]:

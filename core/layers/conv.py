@@ -625,6 +625,7 @@ class Flatten(Layer):
     """(N, ...) -> (N, features), in PyTorch's channels-first order for images."""
 
     type = "flatten"
+    groupable = True
 
     def _infer(self, input_shape: Shape) -> Shape:
         return (int(np.prod(input_shape, dtype=np.int64)),)

@@ -17,6 +17,7 @@ class Dense(Layer):
 
     type = "dense"
     has_weights = True
+    groupable = True
 
     def _infer(self, input_shape: Shape) -> Shape:
         if is_image(input_shape):
@@ -44,7 +45,7 @@ class Dense(Layer):
 
     def forward(self, x: Any, training: bool) -> Any:
         self._x = x
-        y = x.reshape(-1, x.shape[-1]) @ self.params["W"]
+        y = self._grouped_matmul(x.reshape(-1, x.shape[-1]), self.params["W"])
         y += self.params["b"]
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -52,10 +53,15 @@ class Dense(Layer):
         x = self._x
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        self._accumulate_matmul("W", x2.T, dy2)  # dW = x.T @ dy
-        self._accumulate("b", dy2.sum(axis=0))  # db = sum(dy)
+        if self._groups is None:
+            self._accumulate_matmul("W", x2.T, dy2)  # dW = x.T @ dy
+            self._accumulate("b", dy2.sum(axis=0))  # db = sum(dy)
+        else:
+            for (lo, hi), grads in zip(self._group_rows(len(x2)), self._group_grads, strict=True):
+                self.xp.matmul(x2[lo:hi].T, dy2[lo:hi], out=grads["W"])
+                grads["b"][...] = dy2[lo:hi].sum(axis=0)
         self._grads_done()
         if not self.needs_input_grad:
             return None
-        dx = dy2 @ self.params["W"].T  # dx = dy @ W.T
+        dx = self._grouped_matmul(dy2, self.params["W"].T)  # dx = dy @ W.T
         return dx.reshape(x.shape)

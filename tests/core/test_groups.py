@@ -1,0 +1,103 @@
+"""Groups of samples run as one batch: each group's gradients are those it gets alone."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core import Trainer, build_model
+from core.spec import TrainingSpec
+
+MLP: dict[str, Any] = {
+    "layers": [
+        {"type": "dense", "units": 64},
+        {"type": "relu"},
+        {"type": "dense", "units": 48},
+        {"type": "leaky_relu", "negative_slope": 0.1},
+        {"type": "dense", "units": 5},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+IMAGES: dict[str, Any] = {
+    "layers": [
+        {"type": "flatten"},
+        {"type": "dense", "units": 16},
+        {"type": "relu"},
+        {"type": "dense", "units": 3},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+SEQUENCES: dict[str, Any] = {
+    "layers": [{"type": "dense", "units": 12}, {"type": "relu"}, {"type": "dense", "units": 4}],
+    "loss": "softmax_cross_entropy",
+}
+CASES = {
+    "mlp-equal-groups": (MLP, (30,), 5, [16, 16, 16, 16]),
+    # Groups of one row take BLAS's matrix-vector kernel: they go one by one.
+    "mlp-uneven-groups": (MLP, (30,), 5, [1, 2, 3, 17, 1, 8]),
+    "images": (IMAGES, (2, 5, 5), 3, [7, 9, 4]),
+    "sequences": (SEQUENCES, (6, 10), 4, [3, 5, 2]),
+}
+
+
+def _trainer(spec: dict[str, Any], input_shape: tuple[int, ...], classes: int) -> Trainer:
+    return Trainer(
+        model_spec=spec,
+        optimizer_spec={"type": "sgd", "lr": 0.1},
+        training=TrainingSpec(batch_size=64, seed=3),
+        input_shape=input_shape,
+        num_classes=classes,
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_gradients_equal_each_group_alone(case: str, rng: np.random.Generator) -> None:
+    spec, input_shape, classes, sizes = CASES[case]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    total = bounds[-1] + 5  # the groups are part of a larger batch
+    x = rng.standard_normal((bounds[-1], *input_shape)).astype(np.float32)
+    label_shape = (bounds[-1], input_shape[0]) if case == "sequences" else (bounds[-1],)
+    y = rng.integers(0, classes, size=label_shape)
+
+    alone = _trainer(spec, input_shape, classes)
+    size = alone.model.num_params
+    expected = [np.zeros(size, np.float32) for _ in sizes]
+    expected_stats = []
+    for row, (lo, hi) in zip(expected, pairwise(bounds), strict=True):
+        alone.model.bind_grads(row)
+        alone.model.zero_grad()
+        expected_stats.append(alone.compute_gradients(x[lo:hi], y[lo:hi], scale=(hi - lo) / total))
+
+    grouped = _trainer(spec, input_shape, classes)
+    assert grouped.model.groupable
+    for _ in range(2):  # the first run checks whether whole products agree; the second trusts it
+        rows = [np.full(size, np.nan, np.float32) for _ in sizes]
+        stats = grouped.compute_group_gradients(x, y, bounds, rows, total=total)
+        assert stats == expected_stats
+        for i, (got, want) in enumerate(zip(rows, expected, strict=True)):
+            np.testing.assert_array_equal(got, want, err_msg=f"group {i}")
+    # Back to one batch: the gradients go to the layers' own arrays again.
+    grouped.model.zero_grad()
+    grouped.compute_gradients(x, y)
+    alone.model.bind_grads(np.zeros(size, np.float32))
+    alone.model.zero_grad()
+    alone.compute_gradients(x, y)
+    for (name, _, got), (_, _, want) in zip(
+        grouped.model.parameters(), alone.model.parameters(), strict=True
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [{"type": "dropout", "rate": 0.5}, {"type": "batchnorm"}, {"type": "tanh"}],
+)
+def test_models_whose_samples_interact_or_draw_do_not_group(layer: dict[str, Any]) -> None:
+    spec = {"layers": [{"type": "dense", "units": 8}, layer, {"type": "dense", "units": 3}]}
+    model = build_model({**spec, "loss": "softmax_cross_entropy"}, (5,), num_classes=3)
+    assert not model.groupable
+    with pytest.raises(ValueError, match="groupable"):
+        model.set_groups([0, 2, 4], [np.zeros(model.num_params, np.float32)] * 2)
