@@ -18,6 +18,8 @@ from core.spec import ModelSpec, parse_model_spec
 
 Shape = tuple[int, ...]
 _HE_ACTIVATIONS = ("relu", "leaky_relu")
+#: Flat arrays whose gradient views a model keeps (the oldest go first).
+_GRAD_VIEWS_KEPT = 64
 _OTHER_ACTIVATIONS = ("tanh", "sigmoid", "gelu")
 
 
@@ -285,6 +287,8 @@ class Model:
                 views.append(flat[offset : offset + param.size].reshape(param.shape))
                 offset += param.size
             held = cache[id(flat)] = (flat, views)
+            while len(cache) > _GRAD_VIEWS_KEPT:  # a caller that hands in new arrays each time
+                del cache[next(iter(cache))]
         return held[1]
 
     def bind_grads(self, flat: Any) -> None:

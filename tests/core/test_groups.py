@@ -101,3 +101,17 @@ def test_models_whose_samples_interact_or_draw_do_not_group(layer: dict[str, Any
     assert not model.groupable
     with pytest.raises(ValueError, match="groupable"):
         model.set_groups([0, 2, 4], [np.zeros(model.num_params, np.float32)] * 2)
+
+
+def test_gradient_views_are_kept_for_a_bounded_number_of_rows() -> None:
+    """Views of a row are handed out again for the same row; rows handed in anew each
+    time (slices of a 2-D array) do not pile up."""
+    model = build_model(MLP, (30,), num_classes=5)
+    rows = np.zeros((2, model.num_params), np.float32)
+    row = rows[0]
+    first = model.grad_views(row)
+    assert model.grad_views(row) is first
+    for _ in range(1000):
+        views = model.grad_views(rows[1])  # a new view object each time
+        np.testing.assert_array_equal(np.concatenate([v.reshape(-1) for v in views]), rows[1])
+    assert len(model.__dict__["_grad_views"]) <= 64
