@@ -42,8 +42,6 @@ from ray.cluster_utils import Cluster
 
 from workers.allreduce import (
     AllReduceSetup,
-    LeaderExchange,
-    Topology,
     backend_unavailable_reason,
     make_allreduce,
     owned_slots,
@@ -120,12 +118,7 @@ def join(group: WorkerGroup, backend: str, num_slots: int, n: int) -> None:
         num_slots=num_slots,
         shm_free_bytes=group.shm_free_bytes(),
     )
-    nodes = Topology.from_node_ids(setup.node_ids).num_nodes
-    exchange = None
-    if setup.needs_exchange:
-        exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(nodes)
-    for phase in ("create", "attach", "seal"):
-        group.execute("setup_allreduce", setup, phase, exchange, vector_size=n)
+    group.join_allreduce(setup, vector_size=n)
 
 
 def main() -> None:

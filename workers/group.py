@@ -227,17 +227,23 @@ class WorkerGroup:
             num_slots=num_slots,
             **options,
         )
+        self.join_allreduce(setup)
+
+    def join_allreduce(self, setup: AllReduceSetup, **worker_options: Any) -> None:
+        """Run the three set-up phases of ``setup`` (see :func:`make_allreduce`) on every
+        worker, each phase everywhere before the next, with the node leaders' exchange
+        where ``setup`` needs one; ``worker_options`` go to each worker's
+        ``setup_allreduce``. A group may join several all-reduces of different names."""
         exchange = None
         if setup.needs_exchange:
             exchange = (
                 ray.remote(LeaderExchange)
-                .options(num_cpus=0, name=f"{self.name}-exchange", max_restarts=0)
-                .remote(self.topology.num_nodes)
+                .options(num_cpus=0, name=f"{setup.name}-exchange", max_restarts=0)
+                .remote(Topology.from_node_ids(setup.node_ids).num_nodes)
             )
             self._helpers.append(exchange)
-        self.execute("setup_allreduce", setup, "create", exchange)
-        self.execute("setup_allreduce", setup, "attach")
-        self.execute("setup_allreduce", setup, "seal")
+        for phase in ("create", "attach", "seal"):
+            self.execute("setup_allreduce", setup, phase, exchange, **worker_options)
 
     def shm_free_bytes(self) -> int | None:
         """The least free ``/dev/shm`` seen at start on a node that holds several ranks,

@@ -11,7 +11,6 @@ from tests.workers.probes import ReduceProbe
 from workers.allreduce import (
     MIN_SEGMENT_BUCKET_ELEMENTS,
     AllReduceSetup,
-    LeaderExchange,
     Topology,
     backend_unavailable_reason,
     chunk_bounds,
@@ -126,14 +125,7 @@ def join(
         leader_link=leader_link,
         shm_free_bytes=shm_free_bytes,
     )
-    topology = Topology.from_node_ids(setup.node_ids)
-    exchange = None
-    if setup.needs_exchange:  # without a link named, the leaders use gloo where installed
-        exchange = ray.remote(LeaderExchange).options(num_cpus=0).remote(topology.num_nodes)
-    for phase in ("create", "attach", "seal"):
-        group.execute(
-            "setup_allreduce", setup, phase, exchange, vector_size=vector_size, dtype=dtype
-        )
+    group.join_allreduce(setup, vector_size=vector_size, dtype=dtype)
 
 
 def check_reduce(
