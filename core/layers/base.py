@@ -167,6 +167,8 @@ class Layer:
         if self._groups is None:
             return a @ b
         spans = self._group_rows(a.shape[0])
+        if not a.flags.c_contiguous:  # the check below tries contiguous rows
+            return _group_products(self.xp, a, b, spans)
         key = (a.shape, a.strides, b.shape, b.strides, tuple(hi - lo for lo, hi in spans))
         agree = self._rows_agree.get(key)
         if agree is None:

@@ -93,7 +93,12 @@ def test_group_gradients_equal_each_group_alone(case: str, rng: np.random.Genera
 
 @pytest.mark.parametrize(
     "layer",
-    [{"type": "dropout", "rate": 0.5}, {"type": "batchnorm"}, {"type": "tanh"}],
+    [
+        {"type": "dropout", "rate": 0.5},
+        {"type": "batchnorm"},
+        {"type": "tanh"},
+        {"type": "layernorm"},
+    ],
 )
 def test_models_whose_samples_interact_or_draw_do_not_group(layer: dict[str, Any]) -> None:
     spec = {"layers": [{"type": "dense", "units": 8}, layer, {"type": "dense", "units": 3}]}
@@ -115,3 +120,18 @@ def test_gradient_views_are_kept_for_a_bounded_number_of_rows() -> None:
         views = model.grad_views(rows[1])  # a new view object each time
         np.testing.assert_array_equal(np.concatenate([v.reshape(-1) for v in views]), rows[1])
     assert len(model.__dict__["_grad_views"]) <= 64
+
+
+def test_a_dense_layer_gives_each_group_its_rows_from_a_strided_input(
+    rng: np.random.Generator,
+) -> None:
+    model = build_model(MLP, (30,), num_classes=5)
+    dense = model.layers[0]
+    wide = rng.standard_normal((24, 60)).astype(np.float32)
+    x = wide[:, ::2]  # not contiguous
+    bounds = [0, 5, 16, 24]
+    dense.set_groups(bounds, [{} for _ in bounds[1:]])
+    got = dense.forward(x, training=False)
+    dense.set_groups(None)
+    for lo, hi in pairwise(bounds):
+        np.testing.assert_array_equal(got[lo:hi], dense.forward(x[lo:hi].copy(), False))
