@@ -160,22 +160,27 @@ class Layer:
 
         One product of the whole batch is faster, and gives the same rows where the
         BLAS runs the same kernel, in the same order, whatever the number of rows.
-        Whether it does, for these shapes and group sizes, is checked once (see
-        :func:`_products_agree`); where it does not (a single row takes a
+        Whether it does, for these shapes and group sizes, is checked once: on this
+        batch, and on random ones where it holds few numbers (see
+        :func:`_random_products_agree`). Where it does not (a single row takes a
         matrix-vector kernel, a thin output a small-matrix one), the groups go one by one.
         """
+        xp = self.xp
         if self._groups is None:
             return a @ b
         spans = self._group_rows(a.shape[0])
-        if not a.flags.c_contiguous:  # the check below tries contiguous rows
-            return _group_products(self.xp, a, b, spans)
+        if not a.flags.c_contiguous:  # the check tries contiguous rows
+            return _group_products(xp, a, b, spans)
         key = (a.shape, a.strides, b.shape, b.strides, tuple(hi - lo for lo, hi in spans))
         agree = self._rows_agree.get(key)
-        if agree is None:
-            agree = self._rows_agree[key] = _products_agree(self.xp, a, b, spans)
         if agree:
             return a @ b
-        return _group_products(self.xp, a, b, spans)
+        parts = _group_products(xp, a, b, spans)
+        if agree is None:
+            self._rows_agree[key] = bool(
+                xp.array_equal(a @ b, parts, equal_nan=True)
+            ) and _random_products_agree(xp, a, b, spans)
+        return parts
 
     def describe(self) -> str:
         fields = self.spec.model_dump(exclude={"type"})
@@ -183,11 +188,12 @@ class Layer:
         return f"{self.type}({inner})"
 
 
-#: Numbers of each group compared, at least, before one product of the whole batch is
-#: trusted to give its rows: a product that sums in another order gives other bits
-#: for a good share of its numbers, but not for every one of them.
-_AGREE_MIN_NUMBERS = 4096
-_AGREE_MIN_DRAWS, _AGREE_MAX_DRAWS = 4, 256
+#: What a check that one product gives every group's rows compares, at least: numbers
+#: and rows of each group (the batch itself, then random ones). A product that sums in
+#: another order gives other bits for a good share of its numbers, not for all of them,
+#: and a kernel for the last rows or columns may touch only those.
+_AGREE_MIN_NUMBERS, _AGREE_MIN_ROWS = 4096, 64
+_AGREE_MAX_DRAWS = 256
 
 
 def _group_products(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> Any:
@@ -198,14 +204,16 @@ def _group_products(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]
     return out
 
 
-def _products_agree(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> bool:
-    """Whether one product ``a @ b`` gives, bit for bit, the rows of the products span
-    by span: tried on random ``a``s (the same shape and layout) with the real ``b``."""
+def _random_products_agree(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> bool:
+    """Whether one product gives, bit for bit, the rows of the products span by span on
+    random ``a``s (the same shape and layout, with the real ``b``), as many as it takes,
+    with the batch already compared, to see enough numbers and rows of every span."""
     rows = min(hi - lo for lo, hi in spans)
-    draws = -(-_AGREE_MIN_NUMBERS // max(rows * b.shape[1], 1))
-    draws = min(max(draws, _AGREE_MIN_DRAWS), _AGREE_MAX_DRAWS)
+    draws = max(
+        -(-_AGREE_MIN_NUMBERS // max(rows * b.shape[1], 1)), -(-_AGREE_MIN_ROWS // max(rows, 1))
+    )
     rng = np.random.default_rng(0)
-    for _ in range(draws):
+    for _ in range(min(draws, _AGREE_MAX_DRAWS) - 1):
         trial = xp.empty_like(a)
         trial[...] = xp.asarray(rng.standard_normal(a.shape, dtype=np.float32).astype(a.dtype))
         if not bool(xp.array_equal(trial @ b, _group_products(xp, trial, b, spans))):
