@@ -15,9 +15,12 @@ There the node's workers also share one copy of the parameters and take the
 optimizer step together, each on its part (:mod:`workers.sharded`).
 
 Deterministic mode: slots are ``MICRO_SHARDS`` fixed pieces of the global
-batch, so the sum is the same whatever the number of workers. Fast mode: one
-slot per worker (its contiguous part of the batch), one forward and backward
-per step; the bits then depend on the number of workers.
+batch, so the sum is the same whatever the number of workers. A worker runs its
+slots through a groupable model (:attr:`core.model.Model.groupable`) as one
+batch, each slot's gradient taken apart with the numbers it gets alone; other
+models go slot by slot. Fast mode: one slot per worker (its contiguous part of
+the batch), one forward and backward per step; the bits then depend on the
+number of workers.
 
 Models with running statistics (batchnorm) reduce them too: each slot's
 forward starts from the same statistics, and the replicas keep the mean over
