@@ -88,6 +88,7 @@ class Tanh(Layer):
     """y = tanh(x); dx = dy * (1 - y^2)."""
 
     type = "tanh"
+    groupable = True
 
     def forward(self, x: Any, training: bool) -> Any:
         self._y = self.xp.tanh(x)
@@ -107,6 +108,7 @@ class Sigmoid(Layer):
     """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y)."""
 
     type = "sigmoid"
+    groupable = True
 
     def forward(self, x: Any, training: bool) -> Any:
         self._y = sigmoid(self.xp, x)
@@ -124,6 +126,7 @@ class GELU(Layer):
     """
 
     type = "gelu"
+    groupable = True
 
     def forward(self, x: Any, training: bool) -> Any:
         y, self._dydx = gelu_and_slope(self.xp, x)

@@ -41,8 +41,10 @@ class Layer:
     has_weights: ClassVar[bool] = False
     #: Whether a batch made of groups of samples can run through this layer whole and
     #: give every group the numbers it gets running alone: the layer treats each sample
-    #: by itself with exact arithmetic and, if it has parameters, takes each group's
-    #: gradients apart (see :meth:`set_groups`).
+    #: by itself, elementwise or through products it checks (:meth:`_grouped_matmul`),
+    #: and, if it has parameters, takes each group's gradients apart (see
+    #: :meth:`set_groups`). Elementwise functions give an element the same value
+    #: wherever it lies in an array: NumPy's vector loops load an array's tail masked.
     groupable: ClassVar[bool] = False
 
     def __init__(self, spec: Any) -> None:
