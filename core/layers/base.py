@@ -208,16 +208,16 @@ def _group_products(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]
 
 def _random_products_agree(xp: ModuleType, a: Any, b: Any, spans: list[tuple[int, int]]) -> bool:
     """Whether one product gives, bit for bit, the rows of the products span by span on
-    random ``a``s (the same shape and layout, with the real ``b``), as many as it takes,
-    with the batch already compared, to see enough numbers and rows of every span."""
+    random ``a``s (the same shape, contiguous as ``a`` is, with the real ``b``): as many
+    as it takes, with the batch already compared, to see enough numbers and rows of
+    every span."""
     rows = min(hi - lo for lo, hi in spans)
     draws = max(
         -(-_AGREE_MIN_NUMBERS // max(rows * b.shape[1], 1)), -(-_AGREE_MIN_ROWS // max(rows, 1))
     )
     rng = np.random.default_rng(0)
     for _ in range(min(draws, _AGREE_MAX_DRAWS) - 1):
-        trial = xp.empty_like(a)
-        trial[...] = xp.asarray(rng.standard_normal(a.shape, dtype=np.float32).astype(a.dtype))
+        trial = xp.asarray(rng.standard_normal(a.shape, dtype=np.float32).astype(a.dtype))
         if not bool(xp.array_equal(trial @ b, _group_products(xp, trial, b, spans))):
             return False
     return True
