@@ -12,7 +12,7 @@ import numpy as np
 from core.backend import DTYPES, get_xp, to_numpy
 from core.errors import SpecError
 from core.layers import LAYERS, Layer, ShapeError
-from core.layers.base import is_image
+from core.layers.base import GroupTree, is_image
 from core.losses import check_loss_fits
 from core.spec import ModelSpec, parse_model_spec
 
@@ -248,11 +248,18 @@ class Model:
         every layer treats each sample alone, and no layer keeps running statistics."""
         return all(layer.groupable and not layer.buffers for layer in self.layers)
 
-    def set_groups(self, bounds: Sequence[int] | None, grad_rows: Sequence[Any] = ()) -> None:
+    def set_groups(
+        self,
+        bounds: Sequence[int] | None,
+        grad_rows: Sequence[Any] = (),
+        trees: Sequence[GroupTree] | None = None,
+    ) -> None:
         """Run the next forward and backward on a batch of groups (only if
         :attr:`groupable`): samples ``bounds[i]:bounds[i + 1]`` are group ``i``, and
         the backward writes its gradients into ``grad_rows[i]`` (flat, laid out as
         :meth:`grad_views`), the numbers a backward of that group alone writes.
+        With ``trees``, ``grad_rows[i]`` receives the sum of those numbers over the
+        groups of ``trees[i]``, added pairwise along it (a :data:`core.layers.base.GroupTree`).
         ``None``: back to one batch, gradients into each layer's ``grads``."""
         if bounds is None:
             for layer in self.layers:
@@ -262,7 +269,8 @@ class Model:
             raise ValueError("this model cannot run groups as one batch (see Model.groupable)")
         views = [iter(self.grad_views(row)) for row in grad_rows]
         for layer in self.layers:
-            layer.set_groups(bounds, [{key: next(v) for key in layer.params} for v in views])
+            grads = [{key: next(v) for key in layer.params} for v in views]
+            layer.set_groups(bounds, grads, trees)
 
     def __call__(self, x: Any, training: bool = False) -> Any:
         return self.forward(x, training)

@@ -14,6 +14,7 @@ import numpy as np
 from core.backend import to_numpy
 from core.checkpoint import decode_json, encode_json, from_npz_bytes, split_prefix, to_npz_bytes
 from core.data import Dataset, batch_slices, epoch_order, load_dataset, split_indices
+from core.layers.base import GroupTree
 from core.losses import correct_count, loss
 from core.model import Model, build_model
 from core.optim import Optimizer, build_optimizer, clip_grad_norm, scheduled_lr
@@ -137,15 +138,23 @@ class Trainer:
         return stats
 
     def compute_group_gradients(
-        self, x: Any, y: Any, bounds: Sequence[int], grad_rows: Sequence[Any], *, total: int
+        self,
+        x: Any,
+        y: Any,
+        bounds: Sequence[int],
+        grad_rows: Sequence[Any],
+        *,
+        total: int,
+        trees: Sequence[GroupTree] | None = None,
     ) -> list[BatchStats]:
         """:meth:`compute_gradients` of each group of samples ``bounds[i]:bounds[i + 1]``
         of one batch, with scale (its size / ``total``), its gradients written into
         ``grad_rows[i]`` (see :meth:`Model.set_groups`): the same numbers, in one
-        forward and backward of the whole batch. Only for a :attr:`Model.groupable`
-        model (no layer draws random numbers)."""
+        forward and backward of the whole batch. With ``trees``, ``grad_rows[i]``
+        receives the sum of those of the groups of ``trees[i]``, added along it.
+        Only for a :attr:`Model.groupable` model (no layer draws random numbers)."""
         model = self.model
-        model.set_groups(bounds, grad_rows)
+        model.set_groups(bounds, grad_rows, trees)
         try:
             y = model.xp.asarray(y)
             outputs = model.forward(x, training=True)

@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.backend import array_module
+from core.layers.base import GroupTree
 from workers.config import (
     ALLREDUCE_BUCKET_BYTES,
     ALLREDUCE_RESIDENT_MAX_BYTES,
@@ -115,6 +116,17 @@ def tree_cover(slots: Iterable[int], num_slots: int) -> list[Span]:
     if num_slots:
         visit(0, num_slots)
     return cover
+
+
+def span_tree(span: Span, first: int = 0) -> GroupTree:
+    """The summation tree of subtree ``span`` as nested pairs of slots, each slot
+    numbered from ``first`` (``slot - first``): what a rank that adds up its own slots
+    before the all-reduce (:meth:`AllReduce.presum_spans`) adds, in this order."""
+    a, b = span
+    if b - a == 1:
+        return a - first
+    mid = (a + b) // 2
+    return (span_tree((a, mid), first), span_tree((mid, b), first))
 
 
 def tree_sum(parts: Mapping[Span, Any], num_slots: int, out: Any) -> Any:
@@ -298,11 +310,21 @@ class AllReduce:
         """
         return None
 
-    def reduce_resident(self, num_slots: int, *, ordered: bool = True) -> bool:
+    def reduce_resident(
+        self, num_slots: int, *, ordered: bool = True, presummed: bool = False
+    ) -> bool:
         """Sum the resident slot rows into the result row along the tree (unless
         ``ordered=False``, as in :meth:`reduce`); returns whether every element of the
-        sum is finite."""
+        sum is finite. ``presummed``: every rank wrote, in the row of the first slot of
+        each span of its :meth:`presum_spans`, the sum of that subtree, not the slots'
+        own rows (the others are not read)."""
         raise NotImplementedError
+
+    def presum_spans(self, num_slots: int) -> list[Span] | None:
+        """The subtrees this rank may add up itself before a resident reduce (see
+        :meth:`reduce_resident`): its slots' :func:`tree_cover`. None where the backend
+        takes only slot rows."""
+        return None
 
     def shared_views(self) -> SharedRows | None:
         """The rows shared by the ranks of this rank's node (asked for at creation);
@@ -771,14 +793,29 @@ class SharedMemoryAllReduce(AllReduce):
             wait=self._barrier.wait,
         )
 
-    def reduce_resident(self, num_slots: int, *, ordered: bool = True) -> bool:
+    def presum_spans(self, num_slots: int) -> list[Span] | None:
+        """On one node with several ranks: a rank that adds up its slots' gradients
+        while they are in its cache (:meth:`core.model.Model.set_groups` with trees)
+        writes one row per subtree instead of one per slot into the shared segment,
+        and the sum over the segment reads as few rows. A rank alone on its node
+        keeps its slot rows: its sum, in blocks that stay in cache, is cheaper than
+        adding whole gradients."""
+        if not self.resident or self.topology.num_nodes > 1 or len(self.local_ranks) == 1:
+            return None
+        return list(_covers(tuple(range(self.world_size)), num_slots)[self.rank])
+
+    def reduce_resident(
+        self, num_slots: int, *, ordered: bool = True, presummed: bool = False
+    ) -> bool:
         if not self.resident:
             raise RuntimeError("this all-reduce copies rows; call reduce()")
         if num_slots > self.num_slots:
             raise ValueError(f"segment holds {self.num_slots} slots, asked for {num_slots}")
+        if presummed and self.presum_spans(num_slots) is None:
+            raise RuntimeError("this all-reduce takes slot rows only (see presum_spans)")
         self._barrier.wait()
         finite = self._sum_segment(
-            self._slots[0], self._results[0], num_slots, self.vector_size, ordered
+            self._slots[0], self._results[0], num_slots, self.vector_size, ordered, presummed
         )
         # Read only after the next barrier, and written again only after the one after it.
         self._finite[self.local_index] = finite
@@ -786,13 +823,24 @@ class SharedMemoryAllReduce(AllReduce):
         return bool(self._finite.min())
 
     def _sum_segment(
-        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
+        self,
+        slots: np.ndarray,
+        result: np.ndarray,
+        num_slots: int,
+        n: int,
+        ordered: bool,
+        presummed: bool = False,
     ) -> bool:
         """This rank's part of the sum of the slot rows (on one node, one chunk of the
-        elements; across nodes, the leader does it all); whether that part is finite."""
+        elements; across nodes, the leader does it all); whether that part is finite.
+        ``presummed``: the rows hold the ranks' subtree sums (see :meth:`presum_spans`)."""
         if self.topology.num_nodes == 1:
             bounds = chunk_bounds(n, len(self.local_ranks))
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
+            if presummed:
+                covers = _covers(tuple(range(self.world_size)), num_slots)
+                parts = {span: slots[span[0], lo:hi] for cover in covers for span in cover}
+                return _blocked_sum(parts, (0, num_slots), result[lo:hi])
             return _sum_span(slots[:, lo:hi], (0, num_slots), result[lo:hi])
         if self.is_leader:
             return self._reduce_across_nodes(slots, result, num_slots, n, ordered)

@@ -42,9 +42,17 @@ import ray
 
 from core.backend import to_numpy
 from core.data import epoch_order
+from core.layers.base import GroupTree
 from core.spec import JobSpec, parse_job_spec
 from core.train import BatchStats, Trainer
-from workers.allreduce import AllReduce, AllReduceSetup, chunk_bounds, make_allreduce, owned_slots
+from workers.allreduce import (
+    AllReduce,
+    AllReduceSetup,
+    chunk_bounds,
+    make_allreduce,
+    owned_slots,
+    span_tree,
+)
 from workers.sharded import NodeOptimizer, shared_rows_needed
 
 
@@ -269,16 +277,26 @@ class TrainWorker:
                 filled.append((row, slot))
             else:
                 row[...] = 0
+        presum = None
         if bind and len(filled) > 1 and trainer.model.groupable:
-            # The slots in one forward and backward, each slot's numbers its own.
+            # The slots in one forward and backward, each slot's numbers its own. Where
+            # the all-reduce takes subtree sums and every slot of the batch has samples
+            # (every rank decides alike), the backward adds up this rank's slots along
+            # the tree itself, into the row of each subtree's first slot.
+            if len(index) >= self.num_slots:
+                presum = self.allreduce.presum_spans(self.num_slots)
             parts = [index[bounds[slot] : bounds[slot + 1]] for _, slot in filled]
             rows = np.concatenate(parts)
+            first = self._slots.start
             groups = trainer.compute_group_gradients(
                 X[rows],
                 y[rows],
                 np.cumsum([0, *map(len, parts)]).tolist(),
-                [row for row, _ in filled],
+                [row for row, _ in filled]
+                if presum is None
+                else [self._row_list[a - first] for a, _ in presum],
                 total=len(index),
+                trees=None if presum is None else [span_tree(span, first) for span in presum],
             )
             batches = {slot: batch for (_, slot), batch in zip(filled, groups, strict=True)}
         for row, slot in filled:
@@ -293,7 +311,14 @@ class TrainWorker:
                 batch = batches[slot] = trainer.compute_gradients(
                     X[part], y[part], scale=len(part) / len(index), rng_key=(slot,)
                 )
-            self._flatten_into(row, batch, grads=not bind)
+            if presum is None:
+                self._flatten_into(row, batch, grads=not bind)
+        if presum is not None:  # a groupable model has no running statistics: the loss
+            first = self._slots.start
+            for span in presum:
+                row = self._row_list[span[0] - first]
+                losses = [row.dtype.type(batches[slot].loss_sum) for slot in range(*span)]
+                row[-1] = _tree_total(span_tree(span, span[0]), losses)
         for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
             buffer[...] = saved
         empty = BatchStats()
@@ -304,7 +329,9 @@ class TrainWorker:
         started = time.perf_counter()
         total = self._sum
         if self._resident:
-            finite = self.allreduce.reduce_resident(self.num_slots, ordered=self.deterministic)
+            finite = self.allreduce.reduce_resident(
+                self.num_slots, ordered=self.deterministic, presummed=presum is not None
+            )
             if finite and self.job.training.grad_clip_norm is not None:
                 # Clipping scales the gradient in place: not the sum every rank reads.
                 self._private_sum[...] = total
@@ -453,6 +480,13 @@ class TrainWorker:
         if self.allreduce is not None:
             self.allreduce.close()
             self.allreduce = None
+
+
+def _tree_total(tree: GroupTree, values: list[Any]) -> Any:
+    """``values`` (NumPy scalars) added pairwise along ``tree``, as the rows holding them are."""
+    if isinstance(tree, int):
+        return values[tree]
+    return _tree_total(tree[0], values) + _tree_total(tree[1], values)
 
 
 def _same_device(array: Any, like: Any) -> Any:

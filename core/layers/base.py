@@ -19,11 +19,14 @@ import math
 from collections.abc import Sequence
 from itertools import pairwise
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
 Shape = tuple[int, ...]
+#: Groups whose gradients are added up: a group's index, or two trees whose sums are
+#: added, left + right (see :meth:`Layer.set_groups`).
+GroupTree: TypeAlias = int | tuple["GroupTree", "GroupTree"]
 
 
 class ShapeError(ValueError):
@@ -61,9 +64,13 @@ class Layer:
         #: Random source of layers that draw (dropout); the model sets it.
         self.rng: np.random.Generator = np.random.default_rng(0)
         self._overwrite_grads = True
-        #: Set by :meth:`set_groups`: sample bounds of the groups, and their gradients.
+        #: Set by :meth:`set_groups`: sample bounds of the groups, where their gradients
+        #: go, and which groups' sum each of those receives.
         self._groups: tuple[int, ...] | None = None
         self._group_grads: list[dict[str, Any]] = []
+        self._group_trees: list[GroupTree] = []
+        #: Partial sums of :meth:`_tree_sum`, per shape, dtype and depth.
+        self._tree_scratch: dict[tuple[Any, ...], Any] = {}
         #: Per product shape and group sizes: whether one product of the whole batch
         #: gives each group's rows exactly (see :meth:`_grouped_matmul`).
         self._rows_agree: dict[tuple[Any, ...], bool] = {}
@@ -141,13 +148,38 @@ class Layer:
     # --- batches of groups ------------------------------------------------------------
 
     def set_groups(
-        self, bounds: Sequence[int] | None, grads: list[dict[str, Any]] | None = None
+        self,
+        bounds: Sequence[int] | None,
+        grads: list[dict[str, Any]] | None = None,
+        trees: Sequence[GroupTree] | None = None,
     ) -> None:
         """Run the next forward and backward on a batch of groups: samples
         ``bounds[i]:bounds[i + 1]`` are group ``i``, whose parameter gradients the
-        backward writes (not adds) into ``grads[i]``. ``None``: one batch, as usual."""
+        backward writes (not adds) into ``grads[i]``. With ``trees``, ``grads[i]``
+        receives instead the sum of the gradients of the groups of ``trees[i]``, added
+        along that tree (see :meth:`_tree_sum`). ``None``: one batch, as usual."""
         self._groups = None if bounds is None else tuple(bounds)
         self._group_grads = [] if grads is None else grads
+        if trees is None:
+            trees = range(0 if bounds is None else len(bounds) - 1)
+        self._group_trees = list(trees)
+
+    def _tree_sum(self, tree: GroupTree, leaf: Any, out: Any, depth: int = 0) -> Any:
+        """``out`` = the sum over the groups of ``tree`` of what ``leaf(group, dest)``
+        writes into ``dest``, each pair of subtrees added as ``left + right``: the
+        numbers an all-reduce gets adding those groups' gradients along the same tree.
+        The left subtree's sum goes to ``out`` itself, the right one's to a scratch array
+        (one per depth, kept from step to step): few arrays, so they stay in cache."""
+        if isinstance(tree, int):
+            leaf(tree, out)
+            return out
+        key = (out.shape, out.dtype.str, depth)
+        scratch = self._tree_scratch.get(key)
+        if scratch is None:
+            scratch = self._tree_scratch[key] = self.xp.empty(out.shape, out.dtype)
+        self._tree_sum(tree[0], leaf, out, depth + 1)
+        self._tree_sum(tree[1], leaf, scratch, depth + 1)
+        return self.xp.add(out, scratch, out=out)
 
     def _group_rows(self, rows: int) -> list[tuple[int, int]]:
         """Each group's rows of a ``(rows, features)`` view of the batch."""

@@ -57,9 +57,19 @@ class Dense(Layer):
             self._accumulate_matmul("W", x2.T, dy2)  # dW = x.T @ dy
             self._accumulate("b", dy2.sum(axis=0))  # db = sum(dy)
         else:
-            for (lo, hi), grads in zip(self._group_rows(len(x2)), self._group_grads, strict=True):
-                self.xp.matmul(x2[lo:hi].T, dy2[lo:hi], out=grads["W"])
-                grads["b"][...] = dy2[lo:hi].sum(axis=0)
+            rows = self._group_rows(len(x2))
+
+            def weight(group: int, out: Any) -> None:
+                lo, hi = rows[group]
+                self.xp.matmul(x2[lo:hi].T, dy2[lo:hi], out=out)
+
+            def bias(group: int, out: Any) -> None:
+                lo, hi = rows[group]
+                out[...] = dy2[lo:hi].sum(axis=0)
+
+            for tree, grads in zip(self._group_trees, self._group_grads, strict=True):
+                self._tree_sum(tree, weight, grads["W"])
+                self._tree_sum(tree, bias, grads["b"])
         self._grads_done()
         if not self.needs_input_grad:
             return None

@@ -67,14 +67,20 @@ def _trainer(spec: dict[str, Any], input_shape: tuple[int, ...], classes: int) -
     )
 
 
+def _batch(case: str, rng: np.random.Generator) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The case's group bounds, and a random batch of its groups' samples and labels."""
+    _, input_shape, classes, sizes = CASES[case]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    x = rng.standard_normal((bounds[-1], *input_shape)).astype(np.float32)
+    label_shape = (bounds[-1], input_shape[0]) if case == "sequences" else (bounds[-1],)
+    return bounds, x, rng.integers(0, classes, size=label_shape)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_group_gradients_equal_each_group_alone(case: str, rng: np.random.Generator) -> None:
     spec, input_shape, classes, sizes = CASES[case]
-    bounds = np.cumsum([0, *sizes]).tolist()
+    bounds, x, y = _batch(case, rng)
     total = bounds[-1] + 5  # the groups are part of a larger batch
-    x = rng.standard_normal((bounds[-1], *input_shape)).astype(np.float32)
-    label_shape = (bounds[-1], input_shape[0]) if case == "sequences" else (bounds[-1],)
-    y = rng.integers(0, classes, size=label_shape)
 
     alone = _trainer(spec, input_shape, classes)
     size = alone.model.num_params
@@ -103,6 +109,43 @@ def test_group_gradients_equal_each_group_alone(case: str, rng: np.random.Genera
         grouped.model.parameters(), alone.model.parameters(), strict=True
     ):
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def _tree_of(a: int, b: int) -> Any:
+    """Groups ``a..b-1`` split at the middle, as the all-reduce's tree splits slots."""
+    if b - a == 1:
+        return a
+    mid = (a + b) // 2
+    return (_tree_of(a, mid), _tree_of(mid, b))
+
+
+def _added(tree: Any, rows: list[np.ndarray]) -> np.ndarray:
+    if isinstance(tree, int):
+        return rows[tree]
+    return _added(tree[0], rows) + _added(tree[1], rows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) -> None:
+    """With trees, each row receives the sum of its groups' gradients, added pairwise
+    along its tree: bit for bit what adding the groups' own rows that way gives."""
+    spec, input_shape, classes, sizes = CASES[case]
+    bounds, x, y = _batch(case, rng)
+    grouped = _trainer(spec, input_shape, classes)
+    size = grouped.model.num_params
+    each = [np.zeros(size, np.float32) for _ in sizes]
+    alone = grouped.compute_group_gradients(x, y, bounds, each, total=bounds[-1])
+    n = len(sizes)
+    # the whole tree; a group alone and a subtree (as a rank holding slots 0 and 1..n-1)
+    for trees in ([_tree_of(0, n)], [0, _tree_of(1, n)]):
+        for _ in range(2):  # a second run reuses the partial sums' scratch arrays
+            rows = [np.full(size, np.nan, np.float32) for _ in trees]
+            stats = grouped.compute_group_gradients(
+                x, y, bounds, rows, total=bounds[-1], trees=trees
+            )
+            assert stats == alone
+            for tree, got in zip(trees, rows, strict=True):
+                np.testing.assert_array_equal(got, _added(tree, each), err_msg=str(tree))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from workers.allreduce import AllReduce, AllReduceSetup, SharedMemoryAllReduce, make_allreduce
+from workers.allreduce import (
+    AllReduce,
+    AllReduceSetup,
+    SharedMemoryAllReduce,
+    make_allreduce,
+    owned_slots,
+    span_tree,
+)
 from workers.errors import AllReduceTimeoutError
 from workers.worker import TrainWorker
 
@@ -59,17 +66,30 @@ class ReduceProbe:
         self.backend.reduce(rows, num_slots, out, ordered=ordered)
         return out
 
-    def reduce_resident(self, rows: np.ndarray, num_slots: int) -> tuple[np.ndarray, bool]:
+    def reduce_resident(
+        self, rows: np.ndarray, num_slots: int, presummed: bool = False
+    ) -> tuple[np.ndarray, bool]:
         """Write ``rows`` into the resident slot rows, reduce in place; the sum and whether
-        it is finite."""
+        it is finite. ``presummed``: write instead, in the row of each span's first slot,
+        the rows of the span added along its tree, and NaN in the others (never read)."""
         assert self.backend is not None
         views = self.backend.resident_views()
         assert views is not None, "rows are not resident"
         mine, result = views
         for view, row in zip(mine, rows, strict=True):
-            view[...] = row
-        finite = self.backend.reduce_resident(num_slots)
+            view[...] = np.nan if presummed else row
+        if presummed:
+            spans = self.backend.presum_spans(num_slots)
+            assert spans is not None
+            first = owned_slots(self.rank, self.world_size, num_slots).start
+            for span in spans:
+                mine[span[0] - first][...] = _added(span_tree(span, first), rows)
+        finite = self.backend.reduce_resident(num_slots, presummed=presummed)
         return result.copy(), finite
+
+    def presum_spans(self, num_slots: int) -> list[tuple[int, int]] | None:
+        assert self.backend is not None
+        return self.backend.presum_spans(num_slots)
 
     def reduce_alone(self, rows: np.ndarray, num_slots: int) -> tuple[str, float]:
         """Reduce while the peers stay away: the error's name and the CPU seconds spent waiting."""
@@ -102,3 +122,10 @@ class FailingWorker(TrainWorker):
         if rank == 1:
             raise RuntimeError("rank 1 refuses to start")
         super().__init__(rank, world_size)
+
+
+def _added(tree: Any, rows: np.ndarray) -> np.ndarray:
+    """Rows added pairwise along ``tree`` (leaves index ``rows``)."""
+    if isinstance(tree, int):
+        return rows[tree]
+    return _added(tree[0], rows) + _added(tree[1], rows)
