@@ -23,7 +23,9 @@ Backends:
 ``ray`` (default; Ray and NumPy only)
     Workers on one node meet in a shared-memory segment: each writes its slot
     rows, then each sums its share of the elements over all slots along the
-    tree, then each copies the whole result out. Across nodes only the lowest
+    tree, then each copies the whole result out. With resident rows and several
+    ranks, a rank may instead write the sums of its whole subtrees, one row
+    each (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes only the lowest
     rank of each node (its leader) talks, and it first sums its node's whole
     subtrees. Where gloo is installed the leaders form a gloo group and
     all-gather those partial sums, each then finishing the tree. Otherwise they
