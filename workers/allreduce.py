@@ -23,9 +23,9 @@ Backends:
 ``ray`` (default; Ray and NumPy only)
     Workers on one node meet in a shared-memory segment: each writes its slot
     rows, then each sums its share of the elements over all slots along the
-    tree, then each copies the whole result out. With resident rows and several
-    ranks, a rank may instead write the sums of its whole subtrees, one row
-    each (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes only the lowest
+    tree, then each copies the whole result out. With resident rows on one node,
+    a rank may instead write the sums of its whole subtrees, one row each
+    (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes only the lowest
     rank of each node (its leader) talks, and it first sums its node's whole
     subtrees. Where gloo is installed the leaders form a gloo group and
     all-gather those partial sums, each then finishing the tree. Otherwise they
@@ -796,13 +796,11 @@ class SharedMemoryAllReduce(AllReduce):
         )
 
     def presum_spans(self, num_slots: int) -> list[Span] | None:
-        """On one node with several ranks: a rank that adds up its slots' gradients
-        while they are in its cache (:meth:`core.model.Model.set_groups` with trees)
-        writes one row per subtree instead of one per slot into the shared segment,
-        and the sum over the segment reads as few rows. A rank alone on its node
-        keeps its slot rows: its sum, in blocks that stay in cache, is cheaper than
-        adding whole gradients."""
-        if not self.resident or self.topology.num_nodes > 1 or len(self.local_ranks) == 1:
+        """On one node: a rank that adds up its slots' gradients while they are in its
+        cache (:meth:`core.model.Model.set_groups` with trees) writes one row per
+        subtree instead of one per slot into the segment, and the sum over the
+        segment reads as few rows."""
+        if not self.resident or self.topology.num_nodes > 1:
             return None
         return list(_covers(tuple(range(self.world_size)), num_slots)[self.rank])
 
