@@ -164,6 +164,17 @@ class Layer:
             trees = range(0 if bounds is None else len(bounds) - 1)
         self._group_trees = list(trees)
 
+    def _group_sums(self, of: Any) -> Any:
+        """A :meth:`_tree_sum` leaf: the column sums of a group's rows of ``of`` (2-D),
+        as a backward of that group alone takes them (``of.sum(axis=0)``)."""
+        rows = self._group_rows(len(of))
+
+        def leaf(group: int, out: Any) -> None:
+            lo, hi = rows[group]
+            out[...] = of[lo:hi].sum(axis=0)
+
+        return leaf
+
     def _tree_sum(self, tree: GroupTree, leaf: Any, out: Any, depth: int = 0) -> Any:
         """``out`` = the sum over the groups of ``tree`` of what ``leaf(group, dest)``
         writes into ``dest``, each pair of subtrees added as ``left + right``: the

@@ -63,10 +63,7 @@ class Dense(Layer):
                 lo, hi = rows[group]
                 self.xp.matmul(x2[lo:hi].T, dy2[lo:hi], out=out)
 
-            def bias(group: int, out: Any) -> None:
-                lo, hi = rows[group]
-                out[...] = dy2[lo:hi].sum(axis=0)
-
+            bias = self._group_sums(dy2)
             for tree, grads in zip(self._group_trees, self._group_grads, strict=True):
                 self._tree_sum(tree, weight, grads["W"])
                 self._tree_sum(tree, bias, grads["b"])

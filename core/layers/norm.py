@@ -98,6 +98,7 @@ class LayerNorm(Layer):
     """
 
     type = "layernorm"
+    groupable = True
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
@@ -119,12 +120,13 @@ class LayerNorm(Layer):
 
     def _row_mean(self, rows: Any) -> Any:
         """Mean of each row of ``rows: (R, D)`` as a matrix-vector product, (R, 1);
-        several times faster than a reduction over the last axis."""
+        several times faster than a reduction over the last axis. Under groups, each
+        group's rows are those of its own product (see :meth:`_grouped_matmul`)."""
         d = rows.shape[1]
         weights = self._mean_weights
         if weights is None or weights.shape[0] != d or weights.dtype != rows.dtype:
             weights = self._mean_weights = self.xp.full((d, 1), 1.0 / d, dtype=rows.dtype)
-        return rows @ weights
+        return self._grouped_matmul(rows, weights)
 
     def forward(self, x: Any, training: bool) -> Any:
         rows = x.reshape(-1, x.shape[-1])
@@ -141,8 +143,15 @@ class LayerNorm(Layer):
         d = dy.shape[-1]
         dy2 = dy.reshape(-1, d)
         xhat = self._xhat
-        self._accumulate("gamma", (dy2 * xhat).sum(axis=0))
-        self._accumulate("beta", dy2.sum(axis=0))
+        scaled = dy2 * xhat
+        if self._groups is None:
+            self._accumulate("gamma", scaled.sum(axis=0))
+            self._accumulate("beta", dy2.sum(axis=0))
+        else:  # each group's sums over its own rows, added along the trees
+            gamma, beta = self._group_sums(scaled), self._group_sums(dy2)
+            for tree, grads in zip(self._group_trees, self._group_grads, strict=True):
+                self._tree_sum(tree, gamma, grads["gamma"])
+                self._tree_sum(tree, beta, grads["beta"])
         self._grads_done()
         # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), per row
         dxhat = dy2 * self.params["gamma"]

@@ -46,6 +46,17 @@ SMOOTH: dict[str, Any] = {
     ],
     "loss": "softmax_cross_entropy",
 }
+NORMALIZED: dict[str, Any] = {
+    "layers": [
+        {"type": "dense", "units": 24},
+        {"type": "layernorm"},
+        {"type": "relu"},
+        {"type": "dense", "units": 16},
+        {"type": "layernorm"},
+        {"type": "dense", "units": 4},
+    ],
+    "loss": "softmax_cross_entropy",
+}
 CASES = {
     "mlp-equal-groups": (MLP, (30,), 5, [16, 16, 16, 16]),
     # Groups of one row take BLAS's matrix-vector kernel: they go one by one.
@@ -54,6 +65,8 @@ CASES = {
     # Elementwise functions: an element's value may not depend on where it lies.
     "smooth-activations": (SMOOTH, (17,), 3, [5, 11, 1, 16, 3]),
     "sequences": (SEQUENCES, (6, 10), 4, [3, 5, 2]),
+    # Per-row statistics, as products checked like the others; per-group gamma and beta.
+    "layernorm": (NORMALIZED, (9,), 4, [16, 1, 7, 16, 3]),
 }
 
 
@@ -153,7 +166,6 @@ def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) 
     [
         {"type": "dropout", "rate": 0.5},
         {"type": "batchnorm"},
-        {"type": "layernorm"},
     ],
 )
 def test_models_whose_samples_interact_or_draw_do_not_group(layer: dict[str, Any]) -> None:

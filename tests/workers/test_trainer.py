@@ -112,6 +112,14 @@ def test_a_batch_shorter_than_the_micro_shards_gives_the_same_weights(digits: Da
     assert_same_run(runs[0], runs[1])
 
 
+def test_a_model_with_layernorm_gives_the_same_weights(digits: Dataset) -> None:
+    """Layernorm runs a worker's micro-shards as one batch too (per-row statistics)."""
+    layers = [*MLP["layers"][:2], {"type": "layernorm"}, *MLP["layers"][2:]]
+    model = {**MLP, "layers": layers}
+    runs = [train(model, digits, n, training={"epochs": 1}) for n in (1, 2)]
+    assert_same_run(runs[0], runs[1])
+
+
 def test_same_metric_names_as_fit_and_close_values(digits: Dataset, reference: Run) -> None:
     single = fit(job_spec(MLP), digits)
     ours = [metrics for _, metrics in reference.record.epochs]
