@@ -25,9 +25,9 @@ Backends:
     rows, then each sums its share of the elements over all slots along the
     tree, then each copies the whole result out. With resident rows on one node,
     a rank may instead write the sums of its whole subtrees, one row each
-    (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes only the lowest
-    rank of each node (its leader) talks, and it first sums its node's whole
-    subtrees. Where gloo is installed the leaders form a gloo group and
+    (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes
+    only the lowest rank of each node (its leader) talks, and it first sums its
+    node's whole subtrees. Where gloo is installed the leaders form a gloo group and
     all-gather those partial sums, each then finishing the tree. Otherwise they
     swap them through Ray's object store so that each finishes one chunk of the
     elements (a reduce-scatter that keeps the tree), then swap the summed chunks

@@ -180,7 +180,8 @@ class Layer:
         writes into ``dest``, each pair of subtrees added as ``left + right``: the
         numbers an all-reduce gets adding those groups' gradients along the same tree.
         The left subtree's sum goes to ``out`` itself, the right one's to a scratch array
-        (one per depth, kept from step to step): few arrays, so they stay in cache."""
+        (one per depth, kept from step to step): few arrays, so more of them stay in
+        cache."""
         if isinstance(tree, int):
             leaf(tree, out)
             return out
