@@ -23,8 +23,8 @@ Backends:
 ``ray`` (default; Ray and NumPy only)
     Workers on one node meet in a shared-memory segment: each writes its slot
     rows, then each sums its share of the elements over all slots along the
-    tree, then each copies the whole result out. With resident rows on one node,
-    a rank may instead write the sums of its whole subtrees, one row each
+    tree, then each copies the whole result out. With resident rows, a rank may
+    instead write the sums of its whole subtrees, one row each
     (:meth:`AllReduce.presum_spans`), and the sum reads only those. Across nodes
     only the lowest rank of each node (its leader) talks, and it first sums its
     node's whole subtrees. Where gloo is installed the leaders form a gloo group and
@@ -796,11 +796,11 @@ class SharedMemoryAllReduce(AllReduce):
         )
 
     def presum_spans(self, num_slots: int) -> list[Span] | None:
-        """On one node: a rank that adds up its slots' gradients while they are in its
-        cache (:meth:`core.model.Model.set_groups` with trees) writes one row per
-        subtree instead of one per slot into the segment, and the sum over the
-        segment reads as few rows."""
-        if not self.resident or self.topology.num_nodes > 1:
+        """With resident rows: a rank that adds up its slots' gradients while they are
+        in its cache (:meth:`core.model.Model.set_groups` with trees) writes one row
+        per subtree instead of one per slot into its node's segment, and the sum over
+        the segment (a leader's, across nodes) reads as few rows."""
+        if not self.resident:
             return None
         return list(_covers(tuple(range(self.world_size)), num_slots)[self.rank])
 
@@ -837,17 +837,33 @@ class SharedMemoryAllReduce(AllReduce):
         if self.topology.num_nodes == 1:
             bounds = chunk_bounds(n, len(self.local_ranks))
             lo, hi = bounds[self.local_index], bounds[self.local_index + 1]
-            if presummed:
-                covers = _covers(tuple(range(self.world_size)), num_slots)
-                parts = {span: slots[span[0], lo:hi] for cover in covers for span in cover}
-                return _blocked_sum(parts, (0, num_slots), result[lo:hi])
-            return _sum_span(slots[:, lo:hi], (0, num_slots), result[lo:hi])
+            span = (0, num_slots)
+            return self._span_sum(slots[:, lo:hi], span, result[lo:hi], num_slots, presummed)
         if self.is_leader:
-            return self._reduce_across_nodes(slots, result, num_slots, n, ordered)
+            return self._reduce_across_nodes(slots, result, num_slots, n, ordered, presummed)
         return True
 
+    def _span_sum(
+        self, slots: np.ndarray, span: Span, out: np.ndarray, num_slots: int, presummed: bool
+    ) -> bool:
+        """``out`` = the sum of subtree ``span`` of the segment's rows (see
+        :func:`_blocked_sum`): of the slots' own rows, or (``presummed``) of the subtree
+        sums the ranks wrote in their spans' first rows; whether it is finite."""
+        if not presummed:
+            return _sum_span(slots, span, out)
+        a, b = span
+        covers = _covers(tuple(range(self.world_size)), num_slots)
+        parts = {s: slots[s[0]] for cover in covers for s in cover if a <= s[0] and s[1] <= b}
+        return _blocked_sum(parts, span, out)
+
     def _reduce_across_nodes(
-        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, ordered: bool
+        self,
+        slots: np.ndarray,
+        result: np.ndarray,
+        num_slots: int,
+        n: int,
+        ordered: bool,
+        presummed: bool,
     ) -> bool:
         """Leaders only: each sums its node's whole subtrees, then (over gloo) all gather
         those and finish the tree, or (through Ray) each finishes one chunk of the
@@ -858,18 +874,23 @@ class SharedMemoryAllReduce(AllReduce):
         then stay in cache, where whole rows of many megabytes would not.
         """
         if self.leader_link != "gloo":
-            return self._swap_across_nodes(slots, result, num_slots, n)
+            return self._swap_across_nodes(slots, result, num_slots, n, presummed)
         finite = True
         for lo in range(0, n, self.leader_piece):
             hi = min(lo + self.leader_piece, n)
             piece_finite = self._gloo_across_nodes(
-                slots[:, lo:hi], result[lo:hi], num_slots, ordered
+                slots[:, lo:hi], result[lo:hi], num_slots, ordered, presummed
             )
             finite = finite and piece_finite
         return finite
 
     def _gloo_across_nodes(
-        self, slots: np.ndarray, result: np.ndarray, num_slots: int, ordered: bool
+        self,
+        slots: np.ndarray,
+        result: np.ndarray,
+        num_slots: int,
+        ordered: bool,
+        presummed: bool,
     ) -> bool:
         """One piece of :meth:`_reduce_across_nodes` over gloo (``result`` is the piece)."""
         from ray.util import collective
@@ -888,7 +909,7 @@ class SharedMemoryAllReduce(AllReduce):
                 total[...] = 0
             for k, span in enumerate(own):
                 row = total if k == 0 else partials[k]
-                _sum_span(slots, span, row)
+                self._span_sum(slots, span, row, num_slots, presummed)
                 if k:
                     total += row
             collective.allreduce(total, group_name=self._leader_group)
@@ -896,7 +917,7 @@ class SharedMemoryAllReduce(AllReduce):
                 result[...] = total
             return bool(np.isfinite(total).all())
         for row, span in zip(partials, own, strict=False):
-            _sum_span(slots, span, row)
+            self._span_sum(slots, span, row, num_slots, presummed)
         received = [
             self._scratch_rows(f"received{k}", partials.shape[0], m)
             for k in range(self.topology.num_nodes)
@@ -905,7 +926,7 @@ class SharedMemoryAllReduce(AllReduce):
         return _blocked_sum(_given(covers, received), (0, num_slots), result)
 
     def _swap_across_nodes(
-        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int
+        self, slots: np.ndarray, result: np.ndarray, num_slots: int, n: int, presummed: bool
     ) -> bool:
         """:meth:`_reduce_across_nodes` through Ray's object store, in one piece (every
         swap is a round trip through an actor)."""
@@ -914,7 +935,7 @@ class SharedMemoryAllReduce(AllReduce):
         own = covers[self.node]
         partials = self._scratch_rows("partials", max(len(c) for c in covers), n)
         for row, span in zip(partials, own, strict=False):
-            _sum_span(slots[:, :n], span, row)
+            self._span_sum(slots[:, :n], span, row, num_slots, presummed)
         bounds = chunk_bounds(n, nodes)
         mine = partials[: len(own)]
         outgoing = [np.ascontiguousarray(mine[:, bounds[k] : bounds[k + 1]]) for k in range(nodes)]

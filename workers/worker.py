@@ -18,8 +18,8 @@ Deterministic mode: slots are ``MICRO_SHARDS`` fixed pieces of the global
 batch, so the sum is the same whatever the number of workers. A worker runs its
 slots through a groupable model (:attr:`core.model.Model.groupable`) as one
 batch, each slot's gradient taken apart with the numbers it gets alone; other
-models go slot by slot. On one node, that backward also adds up the worker's
-slots along the summation tree (the product of each slot, then the pairs, in
+models go slot by slot. Where the rows are resident, that backward also adds up
+the worker's slots along the summation tree (the product of each slot, then the pairs, in
 the all-reduce's order: the same bits), so each worker writes one row per
 subtree it holds, not one per slot, and the sum reads only those.
 Fast mode: one slot per worker (its contiguous part of the batch), one forward
