@@ -19,9 +19,9 @@ batch, so the sum is the same whatever the number of workers. A worker runs its
 slots through a groupable model (:attr:`core.model.Model.groupable`) as one
 batch, each slot's gradient taken apart with the numbers it gets alone; other
 models go slot by slot. Where the rows are resident, that backward also adds up
-the worker's slots along the summation tree (the product of each slot, then the pairs, in
-the all-reduce's order: the same bits), so each worker writes one row per
-subtree it holds, not one per slot, and the sum reads only those.
+the worker's slots along the summation tree (the product of each slot, then
+the pairs, in the all-reduce's order: the same bits), so each worker writes one
+row per subtree it holds, not one per slot, and the sum reads only those.
 Fast mode: one slot per worker (its contiguous part of the batch), one forward
 and backward per step; the bits then depend on the number of workers.
 
@@ -45,7 +45,7 @@ import ray
 
 from core.backend import to_numpy
 from core.data import epoch_order
-from core.layers.base import GroupTree
+from core.layers.base import add_along
 from core.spec import JobSpec, parse_job_spec
 from core.train import BatchStats, Trainer
 from workers.allreduce import (
@@ -281,6 +281,7 @@ class TrainWorker:
             else:
                 row[...] = 0
         presum = None
+        first = self._slots.start
         if bind and len(filled) > 1 and trainer.model.groupable:
             # The slots in one forward and backward, each slot's numbers its own. Where
             # the all-reduce takes subtree sums and every slot of the batch has samples
@@ -290,7 +291,6 @@ class TrainWorker:
                 presum = self.allreduce.presum_spans(self.num_slots)
             parts = [index[bounds[slot] : bounds[slot + 1]] for _, slot in filled]
             rows = np.concatenate(parts)
-            first = self._slots.start
             groups = trainer.compute_group_gradients(
                 X[rows],
                 y[rows],
@@ -317,11 +317,10 @@ class TrainWorker:
             if presum is None:
                 self._flatten_into(row, batch, grads=not bind)
         if presum is not None:  # a groupable model has no running statistics: the loss
-            first = self._slots.start
             for span in presum:
                 row = self._row_list[span[0] - first]
                 losses = [row.dtype.type(batches[slot].loss_sum) for slot in range(*span)]
-                row[-1] = _tree_total(span_tree(span, span[0]), losses)
+                row[-1] = add_along(span_tree(span, span[0]), losses)
         for buffer, saved in zip(self._buffers, saved_buffers, strict=True):
             buffer[...] = saved
         empty = BatchStats()
@@ -483,13 +482,6 @@ class TrainWorker:
         if self.allreduce is not None:
             self.allreduce.close()
             self.allreduce = None
-
-
-def _tree_total(tree: GroupTree, values: list[Any]) -> Any:
-    """``values`` (NumPy scalars) added pairwise along ``tree``, as the rows holding them are."""
-    if isinstance(tree, int):
-        return values[tree]
-    return _tree_total(tree[0], values) + _tree_total(tree[1], values)
 
 
 def _same_device(array: Any, like: Any) -> Any:

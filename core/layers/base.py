@@ -29,6 +29,14 @@ Shape = tuple[int, ...]
 GroupTree: TypeAlias = int | tuple["GroupTree", "GroupTree"]
 
 
+def add_along(tree: GroupTree, values: Sequence[Any]) -> Any:
+    """``values[i]`` for the leaves ``i`` of ``tree``, added pairwise as ``left + right``
+    (arrays or NumPy scalars: the numbers :meth:`Layer._tree_sum` makes)."""
+    if isinstance(tree, int):
+        return values[tree]
+    return add_along(tree[0], values) + add_along(tree[1], values)
+
+
 class ShapeError(ValueError):
     """A spec that does not fit its input; the model builder adds the layer index."""
 

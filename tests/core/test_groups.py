@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from core import Trainer, build_model
+from core.layers.base import add_along
 from core.spec import TrainingSpec
+from workers.allreduce import span_tree
 
 MLP: dict[str, Any] = {
     "layers": [
@@ -124,20 +126,6 @@ def test_group_gradients_equal_each_group_alone(case: str, rng: np.random.Genera
         np.testing.assert_array_equal(got, want, err_msg=name)
 
 
-def _tree_of(a: int, b: int) -> Any:
-    """Groups ``a..b-1`` split at the middle, as the all-reduce's tree splits slots."""
-    if b - a == 1:
-        return a
-    mid = (a + b) // 2
-    return (_tree_of(a, mid), _tree_of(mid, b))
-
-
-def _added(tree: Any, rows: list[np.ndarray]) -> np.ndarray:
-    if isinstance(tree, int):
-        return rows[tree]
-    return _added(tree[0], rows) + _added(tree[1], rows)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) -> None:
     """With trees, each row receives the sum of its groups' gradients, added pairwise
@@ -149,8 +137,9 @@ def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) 
     each = [np.zeros(size, np.float32) for _ in sizes]
     alone = grouped.compute_group_gradients(x, y, bounds, each, total=bounds[-1])
     n = len(sizes)
-    # the whole tree; a group alone and a subtree (as a rank holding slots 0 and 1..n-1)
-    for trees in ([_tree_of(0, n)], [0, _tree_of(1, n)]):
+    # the all-reduce's whole tree; a group alone and a subtree (as a rank holding
+    # slots 0 and 1..n-1)
+    for trees in ([span_tree((0, n))], [0, span_tree((1, n))]):
         for _ in range(2):  # a second run reuses the partial sums' scratch arrays
             rows = [np.full(size, np.nan, np.float32) for _ in trees]
             stats = grouped.compute_group_gradients(
@@ -158,7 +147,7 @@ def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) 
             )
             assert stats == alone
             for tree, got in zip(trees, rows, strict=True):
-                np.testing.assert_array_equal(got, _added(tree, each), err_msg=str(tree))
+                np.testing.assert_array_equal(got, add_along(tree, each), err_msg=str(tree))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from core.layers.base import add_along
 from workers.allreduce import (
     AllReduce,
     AllReduceSetup,
@@ -83,7 +84,7 @@ class ReduceProbe:
             assert spans is not None
             first = owned_slots(self.rank, self.world_size, num_slots).start
             for span in spans:
-                mine[span[0] - first][...] = _added(span_tree(span, first), rows)
+                mine[span[0] - first][...] = add_along(span_tree(span, first), rows)
         finite = self.backend.reduce_resident(num_slots, presummed=presummed)
         return result.copy(), finite
 
@@ -122,10 +123,3 @@ class FailingWorker(TrainWorker):
         if rank == 1:
             raise RuntimeError("rank 1 refuses to start")
         super().__init__(rank, world_size)
-
-
-def _added(tree: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows added pairwise along ``tree`` (leaves index ``rows``)."""
-    if isinstance(tree, int):
-        return rows[tree]
-    return _added(tree[0], rows) + _added(tree[1], rows)
