@@ -128,13 +128,14 @@ CASES = (
 # --- the two frameworks ---------------------------------------------------------------
 
 
-def trainq_trainer(case: Case) -> core.Trainer:
+def trainq_trainer(case: Case, device: str = "cpu", batch: int = BATCH) -> core.Trainer:
     return core.Trainer(
         model_spec=case.spec,
         optimizer_spec=case.optimizer,
-        training=TrainingSpec(batch_size=BATCH, seed=0),
+        training=TrainingSpec(batch_size=batch, seed=0),
         input_shape=case.input_shape,
         num_classes=CLASSES,
+        device=device,
     )
 
 
@@ -172,11 +173,12 @@ def torch_model(case: Case) -> Any:
     )
 
 
-def torch_step(case: Case, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+def torch_step(case: Case, x: np.ndarray, y: np.ndarray, where: str = "cpu") -> Callable[[], None]:
+    """One PyTorch training step of ``case`` on ``x, y``, on the torch device ``where``."""
     import torch
 
     torch.manual_seed(0)
-    model = torch_model(case)
+    model = torch_model(case).to(where)
     if case.optimizer["type"] == "sgd":
         opt = torch.optim.SGD(
             model.parameters(), lr=case.optimizer["lr"], momentum=case.optimizer["momentum"]
@@ -184,7 +186,7 @@ def torch_step(case: Case, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
     else:
         opt = torch.optim.Adam(model.parameters(), lr=case.optimizer["lr"])
     loss_fn = torch.nn.CrossEntropyLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tx, ty = torch.from_numpy(x).to(where), torch.from_numpy(y).to(where)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
