@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import CASES, CLASSES, Case, torch_step, trainq_trainer  # noqa: E402
+from engine import CASES, CLASSES, Case, torch_step, trainq_step, trainq_trainer  # noqa: E402
 
 import core  # noqa: E402
 from core.backend import get_xp  # noqa: E402
@@ -43,17 +43,6 @@ def _sync(device: str) -> None:
 
         get_xp("gpu").cuda.Device().synchronize()
         torch.cuda.synchronize()
-
-
-def trainq_step(case: Case, device: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
-    trainer = trainq_trainer(case, device=device, batch=len(x))
-    xp = trainer.model.xp
-    x_dev, y_dev = xp.asarray(x), xp.asarray(y)  # on the device once, as PyTorch's
-
-    def step() -> None:
-        trainer.train_step(x_dev, y_dev, steps_per_epoch=1000, total_steps=100_000)
-
-    return step
 
 
 def timed(step: Callable[[], None], steps: int, warmup: int, device: str, batch: int) -> float:
@@ -86,7 +75,9 @@ def run(case: Case, batch: int, device: str, rounds: int, steps: int, warmup: in
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *case.input_shape), dtype=np.float32)
     y = rng.integers(0, CLASSES, batch).astype(np.int64)
-    ours = trainq_step(case, device, x, y)
+    trainer = trainq_trainer(case, device=device, batch=batch)
+    xp = trainer.model.xp  # the batch on the device once, as PyTorch's
+    ours = trainq_step(trainer, xp.asarray(x), xp.asarray(y))
     theirs = torch_step(case, x, y, where="cuda" if device == "gpu" else "cpu")
     a_runs, b_runs = [], []
     for r in range(rounds):

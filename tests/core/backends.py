@@ -193,8 +193,9 @@ def compare(case: Case, other: core.Trainer, seed: int = 0) -> None:
     reference = trainer(case)
     assert reference.model.xp is np
     assert other.model.xp is not np
+    initial = other.model.state_dict()
     for name, p in reference.model.state_dict().items():
-        np.testing.assert_array_equal(other.model.state_dict()[name], p, err_msg=name)
+        np.testing.assert_array_equal(initial[name], p, err_msg=name)
     for step, (x, y) in enumerate(_batches(case, seed)):
         _close(other.model.forward(x), reference.model.forward(x), f"eval outputs, step {step}")
         kwargs = {"steps_per_epoch": STEPS, "total_steps": STEPS, "diagnose": True}
@@ -224,5 +225,6 @@ def compare(case: Case, other: core.Trainer, seed: int = 0) -> None:
         other.train_step(x, y, **kwargs).loss_sum,
         "resumed loss",
     )
+    final = other.model.state_dict()
     for name, value in resumed.model.state_dict().items():
-        _close(other.model.state_dict()[name], value, f"resumed {name}")
+        _close(final[name], value, f"resumed {name}")
