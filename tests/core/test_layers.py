@@ -500,8 +500,10 @@ def test_layernorm_normalises_each_row(rng: np.random.Generator) -> None:
 def test_gelu_float32_chunks_cover_every_element(rng: np.random.Generator) -> None:
     from core.special import GELU_CHUNK, gelu_and_slope
 
-    x = (rng.standard_normal(2 * GELU_CHUNK + 123) * 3).astype(np.float32)
+    edges = [0.0, -0.0, 1e-45, -1e-45, 1e-20, -1e-20, 9.0, -9.0, 30.0, -30.0]
+    x = np.concatenate([rng.standard_normal(2 * GELU_CHUNK + 123) * 3, edges]).astype(np.float32)
     y, slope = gelu_and_slope(np, x)
+    assert np.array_equal(np.signbit(y[-len(edges) :]), np.signbit(x[-len(edges) :]))
     exact = x.astype(np.float64)
     cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in exact])
     pdf = np.exp(-0.5 * exact * exact) / math.sqrt(2 * math.pi)
