@@ -49,6 +49,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 import core  # noqa: E402
 from core.spec import TrainingSpec  # noqa: E402
+from core.train import squared_norm  # noqa: E402
 
 BATCH = 128
 CLASSES = 10
@@ -276,9 +277,9 @@ def bookkeeping(trainer: core.Trainer, step: Callable[[], None], steps: int) -> 
     ``apply_gradients``), and of a whole step, each over ``steps`` repetitions."""
     groups = trainer._layer_params
 
-    def norms() -> None:
+    def norms() -> None:  # as apply_gradients takes them
         for pairs in groups.values():
-            sum(float((g * g).sum()) for _, g in pairs)
+            sum(squared_norm(g) for _, g in pairs)
 
     def best_of(fn: Callable[[], None]) -> float:
         best = float("inf")
