@@ -9,7 +9,7 @@ import numpy as np
 
 from core.layers.base import Layer
 from core.layers.conv import Workspace
-from core.special import gelu_and_slope
+from core.special import gelu_and_slope, take_where_negative
 
 
 def _rows(x: Any) -> Any:
@@ -99,9 +99,15 @@ class Tanh(Layer):
 
 
 def sigmoid(xp: Any, x: Any) -> Any:
-    """Logistic function without overflow for large |x|."""
+    """Logistic function without overflow for large |x|: 1 / (1 + e) for x >= 0 and
+    e / (1 + e) below, with e = exp(-|x|) (both 0.5 at -0.0)."""
     e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    denominator = 1 + e
+    if xp is np and x.dtype.kind == "f":
+        positive = np.divide(1, denominator)
+        negative = np.divide(e, denominator, out=e)
+        return take_where_negative(np.ascontiguousarray(x), negative, positive, denominator)
+    return xp.where(x >= 0, 1 / denominator, e / denominator)
 
 
 class Sigmoid(Layer):

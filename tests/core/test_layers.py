@@ -497,6 +497,25 @@ def test_layernorm_normalises_each_row(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(y.var(axis=-1), 1, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_take_where_negative_selects_by_the_sign_bit(
+    dtype: Any, contiguous: bool, rng: np.random.Generator
+) -> None:
+    from core.special import take_where_negative
+
+    edges = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45]
+    x = np.concatenate([rng.standard_normal(1000), edges]).astype(dtype)
+    negative, into = (rng.standard_normal(x.size).astype(dtype) for _ in range(2))
+    if not contiguous:  # the masked-copy fallback
+        x, negative, into = (np.repeat(a, 2)[::2] for a in (x, negative, into))
+    expected = np.where(np.signbit(x), negative, into)
+    result = take_where_negative(x, negative.copy(), into, np.empty_like(x))
+    assert result is into
+    bits = [np.ascontiguousarray(a).view(np.uint8) for a in (result, expected)]
+    assert np.array_equal(*bits)  # NaN's sign included
+
+
 def test_gelu_float32_chunks_cover_every_element(rng: np.random.Generator) -> None:
     from core.special import GELU_CHUNK, gelu_and_slope
 
