@@ -8,15 +8,8 @@ import numpy as np
 
 from core.layers.base import Layer, Shape, ShapeError
 
-
-def _normalize_backward(dxhat: Any, xhat: Any, inv_std: Any, axis: int) -> Any:
-    """dx of xhat = (x - mean) * inv_std, with mean and variance over ``axis``.
-
-    dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    """
-    mean_dxhat = dxhat.mean(axis=axis, keepdims=True)
-    mean_dxhat_xhat = (dxhat * xhat).mean(axis=axis, keepdims=True)
-    return inv_std * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+#: BatchNorm works on rows of about this many numbers (see :meth:`BatchNorm._wide`).
+_WIDE_ROW = 512
 
 
 class BatchNorm(Layer):
@@ -25,6 +18,11 @@ class BatchNorm(Layer):
     x: (N, F) or (N, H, W, C); gamma, beta: (F,) or (C,).
     Training: batch statistics, running stats updated with ``momentum`` and the
     unbiased variance (as PyTorch); evaluation: the running statistics.
+
+    The work runs on wide rows: ``k`` consecutive rows of ``(N * H * W, C)`` side by
+    side, with each per-channel vector repeated ``k`` times. NumPy sums a column and
+    broadcasts a row one row at a time, so 16 channels would take 16-number steps; a
+    channel's sum adds its ``k`` partial sums last.
     """
 
     type = "batchnorm"
@@ -51,41 +49,70 @@ class BatchNorm(Layer):
     def _initial_buffer(self, name: str, shape: Shape) -> np.ndarray:
         return np.ones(shape) if name == "running_var" else np.zeros(shape)
 
+    @staticmethod
+    def _wide(a: Any) -> tuple[Any, int]:
+        """``a`` (..., C) as (rows / k, k * C), with ``k`` the largest divisor of its rows
+        that keeps ``k * C`` within ``_WIDE_ROW`` (at least 1)."""
+        channels = a.shape[-1]
+        rows = a.size // channels
+        k = max(
+            (d for d in range(1, max(_WIDE_ROW // channels, 1) + 1) if rows % d == 0), default=1
+        )
+        return a.reshape(rows // k, k * channels), k
+
+    def _channel_means(self, wide: Any) -> Any:
+        """Per-channel means of a wide array, repeated across its width."""
+        channels = wide.shape[1] // self._k
+        sums = wide.sum(axis=0).reshape(self._k, channels).sum(axis=0)
+        return self._repeat(sums / self._count)
+
+    def _repeat(self, per_channel: Any) -> Any:
+        return self.xp.tile(per_channel, self._k)
+
     def forward(self, x: Any, training: bool) -> Any:
         xp = self.xp
-        channels = x.shape[-1]
-        x2 = x.reshape(-1, channels)
+        wide, self._k = self._wide(x)
+        self._count = x.size // x.shape[-1]
         eps = self.spec.eps
+        channels = x.shape[-1]
         if training:
-            count = x2.shape[0]
-            mean = x2.mean(axis=0)
-            centered = x2 - mean
-            var = (centered * centered).mean(axis=0)
+            mean = self._channel_means(wide)
+            centered = wide - mean
+            var = self._channel_means(centered * centered)[:channels]
             m = self.spec.momentum
-            unbiased = var * (count / max(count - 1, 1))
+            unbiased = var * (self._count / max(self._count - 1, 1))
             running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
             running_mean *= 1 - m
-            running_mean += m * mean
+            running_mean += m * mean[:channels]
             running_var *= 1 - m
             running_var += m * unbiased
         else:
-            centered = x2 - self.buffers["running_mean"]
+            centered = wide - self._repeat(self.buffers["running_mean"])
             var = self.buffers["running_var"]
-        inv_std = 1.0 / xp.sqrt(var + eps)
+        inv_std = self._repeat(1.0 / xp.sqrt(var + eps))
         xhat = centered * inv_std
         self._xhat, self._inv_std, self._training = xhat, inv_std, training
-        y = xhat * self.params["gamma"] + self.params["beta"]
+        y = xhat * self._repeat(self.params["gamma"])
+        y += self._repeat(self.params["beta"])
         return y.reshape(x.shape)
 
     def backward(self, dy: Any) -> Any:
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        channels = dy.shape[-1]
+        wide = dy.reshape(self._xhat.shape)
         xhat = self._xhat
-        self._accumulate("gamma", (dy2 * xhat).sum(axis=0))  # dgamma = sum(dy * xhat)
-        self._accumulate("beta", dy2.sum(axis=0))  # dbeta = sum(dy)
+
+        def channel_sums(a: Any) -> Any:
+            return a.sum(axis=0).reshape(self._k, channels).sum(axis=0)
+
+        self._accumulate("gamma", channel_sums(wide * xhat))  # dgamma = sum(dy * xhat)
+        self._accumulate("beta", channel_sums(wide))  # dbeta = sum(dy)
         self._grads_done()
-        dxhat = dy2 * self.params["gamma"]
+        dxhat = wide * self._repeat(self.params["gamma"])
         if self._training:
-            dx = _normalize_backward(dxhat, xhat, self._inv_std, axis=0)
+            # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), per channel
+            dx = dxhat - self._channel_means(dxhat)
+            dx -= xhat * self._channel_means(dxhat * xhat)
+            dx *= self._inv_std
         else:
             dx = dxhat * self._inv_std
         return dx.reshape(dy.shape)
