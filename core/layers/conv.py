@@ -138,10 +138,14 @@ class Workspace:
 
 # --- convolution ------------------------------------------------------------------------
 
-# Cost model of a convolution's passes, per sample, in seconds (fitted on a 2-core
-# AMD EPYC with OpenBLAS, LeNet's layers): GEMM flops; elements and runs copied by the
-# gathers and scatters; elements added by the strided adds of the input gradient.
-_FLOP_S = 4e-12
+# Cost model of a convolution's passes, per sample, in seconds (fitted on 2-core AMD
+# EPYCs with OpenBLAS): GEMM flops; elements and runs copied by the gathers and
+# scatters; elements added by the strided adds of the input gradient.
+#
+# A product's speed depends most on its narrow side, n = strip width x filters (the
+# forward's and dW's output width, dx's inner dimension): about peak * n / (n + n0),
+# as (peak FLOP/s, n0) per product.
+_GEMM_RATES = {"forward": (540e9, 40), "dW": (380e9, 40), "dx": (460e9, 12)}
 _COPY_S = 0.1e-9
 _RUN_S = 2e-9
 _ADD_S = 0.2e-9
@@ -161,12 +165,14 @@ def _strip_widths(c: int, f: int, k: int, s: int, w_pad: int, oh: int, ow: int) 
         if ow % t:
             continue
         rows, cols, groups = _strips(c, k, s, oh, ow, t)
-        gemm = 2.0 * rows * cols * t * f * _FLOP_S
-        if t * f < 32:  # a GEMM this narrow runs at about half speed
-            gemm *= 2
+        flops, n = 2.0 * rows * cols * t * f, t * f
+        gemm = {key: flops * (n + n0) / (peak * n) for key, (peak, n0) in _GEMM_RATES.items()}
         copy = rows * cols * _COPY_S + rows * k * _RUN_S
         adds = k * groups * oh * w_pad * c * _ADD_S
-        for name, cost in (("forward", 2 * gemm + copy), ("dx", gemm + copy + adds)):
+        for name, cost in (
+            ("forward", gemm["forward"] + gemm["dW"] + copy),
+            ("dx", gemm["dx"] + copy + adds),
+        ):
             if cost < best[name][0] * 0.999:
                 best[name] = (cost, t)
     return best["forward"][1], best["dx"][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import pytest
 from core import build_model, loss
 from core.gradcheck import check_layer, numeric_grad
 from core.layers import LAYERS
-from tests.factories import engine_batch, make_layer, tiny_cnn_spec
+from tests.factories import engine_batch, make_layer, nhwc_to_nchw, tiny_cnn_spec
 
 # Central differences with eps=1e-6 in float64 leave about 1e-10 of round-off on
 # each derivative (more where the checked sum is large); a wrong backward is off by
@@ -379,6 +380,36 @@ def test_conv2d_model_computes_the_cross_correlation_of_nchw_input(
     y = model.forward(x)
     assert y.shape == expected.shape == (2, *model.output_shape)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [(3, 1, 1), (3, 2, 1), (5, 1, 2), (2, 2, 0)]
+)
+def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
+    kernel: int, stride: int, padding: int, rng: np.random.Generator
+) -> None:
+    """The cost model picks the strip widths by shape; every choice must compute the same."""
+    spec = {"type": "conv2d", "filters": 3, "kernel_size": kernel}
+    spec |= {"stride": stride, "padding": padding}
+    layer = make_layer(spec, (2, 7, 12), rng=rng)
+    x = engine_batch(rng, (2, 7, 12), 3)
+    expected_y = _direct_conv_nchw(
+        nhwc_to_nchw(x), layer.params["W"], layer.params["b"], stride, padding
+    )
+    dy = rng.standard_normal((3, *expected_y.shape[2:], 3))
+    ow = expected_y.shape[-1]
+    results = []
+    for t, t_dx in itertools.product([d for d in range(1, ow + 1) if ow % d == 0], repeat=2):
+        layer.strip, layer.strip_dx = t, t_dx
+        layer.zero_grad()
+        y = layer.forward(x, True)
+        np.testing.assert_allclose(nhwc_to_nchw(y), expected_y, rtol=1e-12, atol=1e-12)
+        dx = layer.backward(dy)
+        results.append((dx.copy(), layer.grads["W"].copy(), layer.grads["b"].copy()))
+    assert len(results) > 4
+    for result in results[1:]:
+        for got, want in zip(result, results[0], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_flatten_keeps_channels_first_order(rng: np.random.Generator) -> None:
