@@ -177,6 +177,10 @@ class Model:
         self.spec = spec
         self.layers = layers
         self._run_order = _run_order(layers)
+        # Backward runs one layer at a time, so layers can share their partial sums.
+        tree_scratch: dict[tuple[Any, ...], Any] = {}
+        for layer in layers:
+            layer.share_tree_scratch(tree_scratch)
         self.input_shape = input_shape
         self.output_shape = layers[-1].output_shape
         self.dtype = np.dtype(dtype)

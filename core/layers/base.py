@@ -77,7 +77,8 @@ class Layer:
         self._groups: tuple[int, ...] | None = None
         self._group_grads: list[dict[str, Any]] = []
         self._group_trees: list[GroupTree] = []
-        #: Partial sums of :meth:`_tree_sum`, per shape, dtype and depth.
+        #: Partial sums of :meth:`_tree_sum`, per shape, dtype and depth (see
+        #: :meth:`share_tree_scratch`).
         self._tree_scratch: dict[tuple[Any, ...], Any] = {}
         #: Per product shape and group sizes: whether one product of the whole batch
         #: gives each group's rows exactly (see :meth:`_grouped_matmul`).
@@ -182,6 +183,12 @@ class Layer:
             out[...] = of[lo:hi].sum(axis=0)
 
         return leaf
+
+    def share_tree_scratch(self, arrays: dict[tuple[Any, ...], Any]) -> None:
+        """Keep :meth:`_tree_sum`'s partial sums in ``arrays``, shared with other layers
+        whose backward never runs at the same time as this one's: layers of one shape
+        then hold one set of partial sums between them, not one each."""
+        self._tree_scratch = arrays
 
     def _tree_sum(self, tree: GroupTree, leaf: Any, out: Any, depth: int = 0) -> Any:
         """``out`` = the sum over the groups of ``tree`` of what ``leaf(group, dest)``

@@ -59,6 +59,18 @@ NORMALIZED: dict[str, Any] = {
     ],
     "loss": "softmax_cross_entropy",
 }
+SAME_SHAPES: dict[str, Any] = {
+    "layers": [
+        {"type": "dense", "units": 12},
+        {"type": "relu"},
+        {"type": "dense", "units": 12},
+        {"type": "relu"},
+        {"type": "dense", "units": 12},
+        {"type": "tanh"},
+        {"type": "dense", "units": 3},
+    ],
+    "loss": "softmax_cross_entropy",
+}
 CASES = {
     "mlp-equal-groups": (MLP, (30,), 5, [16, 16, 16, 16]),
     # Groups of one row take BLAS's matrix-vector kernel: they go one by one.
@@ -69,6 +81,8 @@ CASES = {
     "sequences": (SEQUENCES, (6, 10), 4, [3, 5, 2]),
     # Per-row statistics, as products checked like the others; per-group gamma and beta.
     "layernorm": (NORMALIZED, (9,), 4, [16, 1, 7, 16, 3]),
+    # Layers of one shape share the partial sums of their trees.
+    "same-shapes": (SAME_SHAPES, (12,), 3, [4, 4, 4, 4, 4, 4, 4, 4]),
 }
 
 
@@ -148,6 +162,19 @@ def test_group_gradients_added_along_trees(case: str, rng: np.random.Generator) 
             assert stats == alone
             for tree, got in zip(trees, rows, strict=True):
                 np.testing.assert_array_equal(got, add_along(tree, each), err_msg=str(tree))
+
+
+def test_layers_share_the_partial_sums_of_their_trees(rng: np.random.Generator) -> None:
+    bounds, x, y = _batch("same-shapes", rng)
+    grouped = _trainer(*CASES["same-shapes"][:3])
+    rows = [np.zeros(grouped.model.num_params, np.float32)]
+    grouped.compute_group_gradients(x, y, bounds, rows, total=bounds[-1], trees=[span_tree((0, 8))])
+    scratch = {id(layer._tree_scratch) for layer in grouped.model.layers}
+    assert len(scratch) == 1
+    shared = grouped.model.layers[0]._tree_scratch
+    # eight groups: partial sums at depths 0, 1 and 2 for each of the four shapes
+    # (12, 12) and (12,) of the three 12-unit layers, (12, 3) and (3,) of the last
+    assert sorted(key[0] for key in shared) == sorted([(12, 12), (12,), (12, 3), (3,)] * 3)
 
 
 @pytest.mark.parametrize(
