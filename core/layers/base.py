@@ -299,6 +299,19 @@ def init_weight(shape: Shape, rng: np.random.Generator, *, he: bool) -> np.ndarr
     return rng.uniform(-limit, limit, size=shape)
 
 
+#: Per-channel work runs on rows of about this many numbers (see :func:`side_by_side`).
+WIDE_ROW = 512
+
+
+def side_by_side(rows: int, channels: int) -> int:
+    """How many of ``rows`` rows of ``channels`` numbers to lay side by side, as one row:
+    the largest divisor of ``rows`` that keeps the row within ``WIDE_ROW`` numbers (at
+    least 1). NumPy sums a column and broadcasts a row over an array one row at a time,
+    so on a narrow array (a few channels) each step does little work."""
+    most = max(WIDE_ROW // channels, 1)
+    return max(d for d in range(1, most + 1) if rows % d == 0)
+
+
 def is_image(shape: Shape) -> bool:
     """Per-sample ``(C, H, W)``: travels channels-last inside the engine."""
     return len(shape) == 3

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from core.layers.base import Layer, Shape, ShapeError, init_weight, is_image
+from core.layers.base import Layer, Shape, ShapeError, init_weight, is_image, side_by_side
 
 
 def _out_size(size: int, kernel: int, stride: int) -> int:
@@ -616,14 +616,22 @@ class GlobalAvgPool(Layer):
         _need_image("global_avgpool", input_shape, "type")
         return (input_shape[0],)
 
+    # Each sample's H * W pixels are summed and spread as rows of k pixels side by side
+    # (see :func:`side_by_side`): NumPy steps through a reduction or a broadcast one row
+    # of C numbers at a time.
+
     def forward(self, x: Any, training: bool) -> Any:
-        self._x_shape = x.shape
-        return x.mean(axis=(1, 2))
+        n, h, w, c = self._x_shape = x.shape
+        k = side_by_side(h * w, c)
+        sums = x.reshape(n, h * w // k, k * c).sum(axis=1).reshape(n, k, c).sum(axis=1)
+        return sums / (h * w)
 
     def backward(self, dy: Any) -> Any:
         n, h, w, c = self._x_shape
+        k = side_by_side(h * w, c)
         dx = self.xp.empty(self._x_shape, dtype=dy.dtype)
-        dx[...] = (dy * (1.0 / (h * w)))[:, None, None, :]
+        share = self.xp.tile(dy * (1.0 / (h * w)), k)  # (N, k * C)
+        dx.reshape(n, h * w // k, k * c)[...] = share[:, None, :]
         return dx
 
 

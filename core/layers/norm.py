@@ -6,10 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from core.layers.base import Layer, Shape, ShapeError
-
-#: BatchNorm works on rows of about this many numbers (see :meth:`BatchNorm._wide`).
-_WIDE_ROW = 512
+from core.layers.base import Layer, Shape, ShapeError, side_by_side
 
 
 class BatchNorm(Layer):
@@ -51,13 +48,10 @@ class BatchNorm(Layer):
 
     @staticmethod
     def _wide(a: Any) -> tuple[Any, int]:
-        """``a`` (..., C) as (rows / k, k * C), with ``k`` the largest divisor of its rows
-        that keeps ``k * C`` within ``_WIDE_ROW`` (at least 1)."""
+        """``a`` (..., C) as (rows / k, k * C), with ``k`` from :func:`side_by_side`."""
         channels = a.shape[-1]
         rows = a.size // channels
-        k = max(
-            (d for d in range(1, max(_WIDE_ROW // channels, 1) + 1) if rows % d == 0), default=1
-        )
+        k = side_by_side(rows, channels)
         return a.reshape(rows // k, k * channels), k
 
     def _channel_means(self, wide: Any) -> Any:
