@@ -312,6 +312,24 @@ def side_by_side(rows: int, channels: int) -> int:
     return max(d for d in range(1, most + 1) if rows % d == 0)
 
 
+def mean_of_rows(x: Any) -> Any:
+    """``x`` (N, R, C) -> the mean of each sample's R rows, (N, C); summed with rows
+    laid side by side (see :func:`side_by_side`)."""
+    n, rows, c = x.shape
+    k = side_by_side(rows, c)
+    sums = x.reshape(n, rows // k, k * c).sum(axis=1).reshape(n, k, c).sum(axis=1)
+    return sums / rows
+
+
+def spread_over_rows(xp: Any, dy: Any, rows: int) -> Any:
+    """The gradient of :func:`mean_of_rows`: ``dy`` (N, C) / R in each of R rows, (N, R, C)."""
+    n, c = dy.shape
+    k = side_by_side(rows, c)
+    dx = xp.empty((n, rows, c), dtype=dy.dtype)
+    dx.reshape(n, rows // k, k * c)[...] = xp.tile(dy * (1.0 / rows), k)[:, None, :]
+    return dx
+
+
 def is_image(shape: Shape) -> bool:
     """Per-sample ``(C, H, W)``: travels channels-last inside the engine."""
     return len(shape) == 3

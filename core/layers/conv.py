@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from core.layers.base import Layer, Shape, ShapeError, init_weight, is_image, side_by_side
+from core.layers.base import (
+    Layer,
+    Shape,
+    ShapeError,
+    init_weight,
+    is_image,
+    mean_of_rows,
+    spread_over_rows,
+)
 
 
 def _out_size(size: int, kernel: int, stride: int) -> int:
@@ -616,23 +624,13 @@ class GlobalAvgPool(Layer):
         _need_image("global_avgpool", input_shape, "type")
         return (input_shape[0],)
 
-    # Each sample's H * W pixels are summed and spread as rows of k pixels side by side
-    # (see :func:`side_by_side`): NumPy steps through a reduction or a broadcast one row
-    # of C numbers at a time.
-
     def forward(self, x: Any, training: bool) -> Any:
         n, h, w, c = self._x_shape = x.shape
-        k = side_by_side(h * w, c)
-        sums = x.reshape(n, h * w // k, k * c).sum(axis=1).reshape(n, k, c).sum(axis=1)
-        return sums / (h * w)
+        return mean_of_rows(x.reshape(n, h * w, c))
 
     def backward(self, dy: Any) -> Any:
         n, h, w, c = self._x_shape
-        k = side_by_side(h * w, c)
-        dx = self.xp.empty(self._x_shape, dtype=dy.dtype)
-        share = self.xp.tile(dy * (1.0 / (h * w)), k)  # (N, k * C)
-        dx.reshape(n, h * w // k, k * c)[...] = share[:, None, :]
-        return dx
+        return spread_over_rows(self.xp, dy, h * w).reshape(self._x_shape)
 
 
 class Flatten(Layer):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from core.layers.base import Layer, Shape, ShapeError
+from core.layers.base import Layer, Shape, ShapeError, mean_of_rows, spread_over_rows
 
 #: Learned position vectors start small, as in GPT-2, so that early in training
 #: the token identity dominates the sum and positions are learned as needed.
@@ -175,9 +175,7 @@ class MeanPool(Layer):
 
     def forward(self, x: Any, training: bool) -> Any:
         self._x_shape = x.shape
-        return x.mean(axis=1)
+        return mean_of_rows(x)
 
     def backward(self, dy: Any) -> Any:
-        dx = self.xp.empty(self._x_shape, dtype=dy.dtype)
-        dx[...] = (dy * (1.0 / self._x_shape[1]))[:, None, :]
-        return dx
+        return spread_over_rows(self.xp, dy, self._x_shape[1])
