@@ -193,7 +193,7 @@ def _gelu_and_slope_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     slope = np.empty_like(flat)
     size = min(GELU_CHUNK, flat.size)
     z, t, e = (np.empty(size, np.float32) for _ in range(3))
-    first, *rest = _ERFCC
+    first, *middle, last = _ERFCC
     for start in range(0, flat.size, size):
         stop = min(start + size, flat.size)
         n = stop - start
@@ -201,13 +201,15 @@ def _gelu_and_slope_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         zc, tc, ec = z[:n], t[:n], e[:n]
         np.abs(xc, out=zc)
         zc *= _SQRT_HALF  # z = |x| / sqrt 2
-        np.multiply(zc, 0.5, out=tc)
-        tc += 1.0
-        np.reciprocal(tc, out=tc)  # t = 1 / (1 + z / 2)
-        ec.fill(first)
-        for c in rest:
-            ec *= tc
+        # t = 1 / (1 + z / 2), as 2 / (2 + z): doubling is exact, so both divide 1 by
+        # the same rounded denominator (one pass fewer)
+        np.add(zc, 2.0, out=tc)
+        np.divide(2.0, tc, out=tc)
+        np.multiply(tc, first, out=ec)  # Horner's rule, its first product without a fill
+        for c in middle:
             ec += c
+            ec *= tc
+        ec += last
         np.multiply(zc, zc, out=zc)  # z^2 = x^2 / 2
         ec -= zc
         np.exp(ec, out=ec)
