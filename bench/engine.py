@@ -89,6 +89,25 @@ CNN_SPEC: dict[str, Any] = {
     "loss": "softmax_cross_entropy",
 }
 
+#: Not among the issue's targets: the kind of CNN a user writes today (3x3 convolutions
+#: with batch normalisation, strided instead of pooled, global average pooling).
+CONVNET_SPEC: dict[str, Any] = {
+    "layers": [
+        {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 32, "kernel_size": 3, "padding": 1, "stride": 2},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "conv2d", "filters": 64, "kernel_size": 3, "padding": 1, "stride": 2},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "global_avgpool"},
+        {"type": "dense", "units": CLASSES},
+    ],
+    "loss": "softmax_cross_entropy",
+}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -97,7 +116,7 @@ class Case:
     spec: dict[str, Any]
     input_shape: tuple[int, ...]
     optimizer: dict[str, Any]
-    target_ratio: float
+    target_ratio: float | None  # trainq / PyTorch, or None
     target_peak: float | None  # fraction of the matmul peak, or None
     steps: int  # timed steps per block
 
@@ -122,6 +141,16 @@ CASES = (
         1.0,
         None,
         15,
+    ),
+    Case(
+        "convnet",
+        "3x3 CNN with batchnorm 1x28x28, Adam",
+        CONVNET_SPEC,
+        (1, 28, 28),
+        {"type": "adam", "lr": 1e-3},
+        None,
+        None,
+        5,
     ),
 )
 
@@ -157,6 +186,21 @@ def torch_model(case: Case) -> Any:
             nn.Linear(1024, 1024),
             nn.ReLU(),
             nn.Linear(1024, CLASSES),
+        )
+    if case.key == "convnet":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, CLASSES),
         )
     return nn.Sequential(
         nn.Conv2d(1, 6, 5, padding=2),
@@ -390,7 +434,11 @@ def table(results: list[Result], peak: float, threads: int) -> list[str]:
     ]
     for r in results:
         c = r.case
-        ratio_ok = "pass" if r.ratio >= c.target_ratio else "MISS"
+        if c.target_ratio is None:
+            ratio_target = "-"
+        else:
+            ok = "pass" if r.ratio >= c.target_ratio else "MISS"
+            ratio_target = f">= {c.target_ratio:.1f}x: {ok}"
         if c.target_peak is None:
             peak_target = "-"
         else:
@@ -398,7 +446,7 @@ def table(results: list[Result], peak: float, threads: int) -> list[str]:
             peak_target = f">= {c.target_peak:.0%}: {ok}"
         rows.append(
             f"| {c.name} | {r.trainq:,.0f} | {r.torch:,.0f} | "
-            f"{r.ratio:.2f}x ({r.median_ratio:.2f}x) | >= {c.target_ratio:.1f}x: {ratio_ok} | "
+            f"{r.ratio:.2f}x ({r.median_ratio:.2f}x) | {ratio_target} | "
             f"{r.gflops:.0f} | {r.peak_share:.0%} | {peak_target} |"
         )
     rows.append(f"| float32 matmul peak, NumPy 2048x2048 | | | | | {peak:.0f} | 100% | |")
@@ -466,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         missed = [
             r
             for r in results
-            if r.ratio < r.case.target_ratio
+            if (r.case.target_ratio is not None and r.ratio < r.case.target_ratio)
             or (r.case.target_peak is not None and r.peak_share < r.case.target_peak)
         ]
         print("all targets met" if not missed else f"{len(missed)} model(s) missed a target")

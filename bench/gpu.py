@@ -4,7 +4,7 @@ Run by hand (not a test), on a machine with CUDA, CuPy and a CUDA build of PyTor
 
     python bench/gpu.py [--batches 128 1024] [--rounds R] [--steps S]
 
-The models are those of ``bench/engine.py`` (the MLP with SGD, the LeNet-5 CNN
+The models are those of ``bench/engine.py`` (the MLP with SGD, the LeNet-5 CNN and the 3x3 CNN
 with Adam), run as full training steps through ``Trainer.train_step`` with
 ``device="gpu"``, and as the same PyTorch models on ``cuda``. Each round times a
 block of steps of one framework and then of the other (the order alternates);
