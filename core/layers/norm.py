@@ -7,6 +7,11 @@ from typing import Any
 import numpy as np
 
 from core.layers.base import Layer, Shape, ShapeError, side_by_side
+from core.layers.conv import Workspace
+
+#: Numbers per piece of BatchNorm's passes over its rows: a few arrays of a piece stay in
+#: the L2 cache, so each pass reads its input once from memory, not every step of it.
+BATCHNORM_CHUNK = 1 << 16
 
 
 class BatchNorm(Layer):
@@ -15,14 +20,21 @@ class BatchNorm(Layer):
     x: (N, F) or (N, H, W, C); gamma, beta: (F,) or (C,).
     Training: batch statistics, running stats updated with ``momentum`` and the
     unbiased variance (as PyTorch); evaluation: the running statistics.
+    dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per channel.
 
     The work runs on wide rows: ``k`` consecutive rows of ``(N * H * W, C)`` side by
     side, with each per-channel vector repeated ``k`` times. NumPy sums a column and
     broadcasts a row one row at a time, so 16 channels would take 16-number steps; a
-    channel's sum adds its ``k`` partial sums last.
+    channel's sum adds its ``k`` partial sums last. With NumPy the rows go a piece at a
+    time (``BATCHNORM_CHUNK`` numbers): the forward reads x three times (its sum, the
+    sum of squares about the mean, the output) and the backward dy and xhat twice.
     """
 
     type = "batchnorm"
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._work = Workspace()
 
     def _infer(self, input_shape: Shape) -> Shape:
         if len(input_shape) not in (1, 3):
@@ -46,70 +58,103 @@ class BatchNorm(Layer):
     def _initial_buffer(self, name: str, shape: Shape) -> np.ndarray:
         return np.ones(shape) if name == "running_var" else np.zeros(shape)
 
-    @staticmethod
-    def _wide(a: Any) -> tuple[Any, int]:
+    # --- wide rows, in pieces ---------------------------------------------------------
+
+    def _wide(self, a: Any) -> Any:
         """``a`` (..., C) as (rows / k, k * C), with ``k`` from :func:`side_by_side`."""
         channels = a.shape[-1]
         rows = a.size // channels
-        k = side_by_side(rows, channels)
-        return a.reshape(rows // k, k * channels), k
+        self._k = side_by_side(rows, channels)
+        return a.reshape(rows // self._k, self._k * channels)
 
-    def _channel_means(self, wide: Any) -> Any:
-        """Per-channel means of a wide array, repeated across its width."""
-        channels = wide.shape[1] // self._k
-        sums = wide.sum(axis=0).reshape(self._k, channels).sum(axis=0)
-        return self._repeat(sums / self._count)
+    def _pieces(self, rows: int, width: int) -> list[slice]:
+        """The row ranges of the passes: all rows at once except with NumPy."""
+        step = rows if self.xp is not np else max(1, BATCHNORM_CHUNK // width)
+        return [slice(lo, lo + step) for lo in range(0, rows, step)]
+
+    def _per_channel(self, wide_sums: Any) -> Any:
+        """(k * C,) sums of the wide columns -> (C,) per-channel sums."""
+        return wide_sums.reshape(self._k, -1).sum(axis=0)
 
     def _repeat(self, per_channel: Any) -> Any:
         return self.xp.tile(per_channel, self._k)
 
+    # --- passes -----------------------------------------------------------------------
+
     def forward(self, x: Any, training: bool) -> Any:
         xp = self.xp
-        wide, self._k = self._wide(x)
-        self._count = x.size // x.shape[-1]
-        eps = self.spec.eps
-        channels = x.shape[-1]
+        wide = self._wide(x)
+        rows, width = wide.shape
+        count = rows * self._k
+        pieces = self._pieces(rows, width)
+        self._work.batch(rows)
+        work = self._work.scratch(xp, "work", (pieces[0].stop - pieces[0].start, width), x.dtype)
         if training:
-            mean = self._channel_means(wide)
-            centered = wide - mean
-            var = self._channel_means(centered * centered)[:channels]
+            mean = self._per_channel(wide.sum(axis=0)) / count
+            mean_row = self._repeat(mean)
+            squares = xp.zeros(width, dtype=x.dtype)
+            for part in pieces:
+                centered = xp.subtract(wide[part], mean_row, out=work[: _length(part, rows)])
+                centered *= centered
+                squares += centered.sum(axis=0)
+            var = self._per_channel(squares) / count
             m = self.spec.momentum
-            unbiased = var * (self._count / max(self._count - 1, 1))
+            unbiased = var * (count / max(count - 1, 1))
             running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
             running_mean *= 1 - m
-            running_mean += m * mean[:channels]
+            running_mean += m * mean
             running_var *= 1 - m
             running_var += m * unbiased
         else:
-            centered = wide - self._repeat(self.buffers["running_mean"])
+            mean_row = self._repeat(self.buffers["running_mean"])
             var = self.buffers["running_var"]
-        inv_std = self._repeat(1.0 / xp.sqrt(var + eps))
-        xhat = centered * inv_std
+        inv_std = 1.0 / xp.sqrt(var + self.spec.eps)
+        inv_row = self._repeat(inv_std)
+        gamma_row, beta_row = self._repeat(self.params["gamma"]), self._repeat(self.params["beta"])
+        xhat = xp.empty_like(wide)
+        y = xp.empty_like(wide)
+        for part in pieces:
+            xp.subtract(wide[part], mean_row, out=xhat[part])
+            xhat[part] *= inv_row
+            xp.multiply(xhat[part], gamma_row, out=y[part])
+            y[part] += beta_row
         self._xhat, self._inv_std, self._training = xhat, inv_std, training
-        y = xhat * self._repeat(self.params["gamma"])
-        y += self._repeat(self.params["beta"])
         return y.reshape(x.shape)
 
     def backward(self, dy: Any) -> Any:
-        channels = dy.shape[-1]
-        wide = dy.reshape(self._xhat.shape)
+        xp = self.xp
         xhat = self._xhat
-
-        def channel_sums(a: Any) -> Any:
-            return a.sum(axis=0).reshape(self._k, channels).sum(axis=0)
-
-        self._accumulate("gamma", channel_sums(wide * xhat))  # dgamma = sum(dy * xhat)
-        self._accumulate("beta", channel_sums(wide))  # dbeta = sum(dy)
+        rows, width = xhat.shape
+        wide = dy.reshape(rows, width)
+        pieces = self._pieces(rows, width)
+        work = self._work.scratch(xp, "work", (pieces[0].stop - pieces[0].start, width), dy.dtype)
+        sums = xp.zeros(width, dtype=dy.dtype)
+        scaled_sums = xp.zeros(width, dtype=dy.dtype)
+        for part in pieces:
+            sums += wide[part].sum(axis=0)
+            scaled = xp.multiply(wide[part], xhat[part], out=work[: _length(part, rows)])
+            scaled_sums += scaled.sum(axis=0)
+        dbeta, dgamma = self._per_channel(sums), self._per_channel(scaled_sums)
+        self._accumulate("gamma", dgamma)  # sum(dy * xhat)
+        self._accumulate("beta", dbeta)  # sum(dy)
         self._grads_done()
-        dxhat = wide * self._repeat(self.params["gamma"])
-        if self._training:
-            # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), per channel
-            dx = dxhat - self._channel_means(dxhat)
-            dx -= xhat * self._channel_means(dxhat * xhat)
-            dx *= self._inv_std
-        else:
-            dx = dxhat * self._inv_std
+        scale_row = self._repeat(self.params["gamma"] * self._inv_std)
+        dx = xp.empty_like(wide)
+        if not self._training:  # the statistics are constants
+            xp.multiply(wide, scale_row, out=dx)
+            return dx.reshape(dy.shape)
+        count = rows * self._k
+        mean_row, scaled_mean_row = self._repeat(dbeta / count), self._repeat(dgamma / count)
+        for part in pieces:
+            term = xp.multiply(xhat[part], scaled_mean_row, out=work[: _length(part, rows)])
+            xp.subtract(wide[part], mean_row, out=dx[part])
+            dx[part] -= term
+            dx[part] *= scale_row
         return dx.reshape(dy.shape)
+
+
+def _length(part: slice, rows: int) -> int:
+    return min(part.stop, rows) - part.start
 
 
 class LayerNorm(Layer):

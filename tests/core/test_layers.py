@@ -521,6 +521,31 @@ def test_batchnorm_normalises_per_channel_and_updates_running_stats(
     np.testing.assert_allclose(evaluated, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_in_pieces_computes_what_it_does_at_once(
+    training: bool, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.layers import norm
+
+    shape = (3, 7, 7)  # 20 x 49 rows of 3 channels: 7 wide rows of 140 x 3 numbers
+    x = engine_batch(rng, shape, 20) * 3 + 2
+    dy = engine_batch(rng, shape, 20)
+    results = []
+    for chunk in (norm.BATCHNORM_CHUNK, 2 * 420):  # at once; in pieces of 2, 2, 2 and 1 rows
+        monkeypatch.setattr(norm, "BATCHNORM_CHUNK", chunk)
+        layer = make_layer({"type": "batchnorm"}, shape, rng=np.random.default_rng(1))
+        if not training:
+            layer.forward(x * 0.5 - 1, True)  # running statistics to evaluate with
+        y = layer.forward(x, training)
+        dx = layer.backward(dy)
+        results.append((y, dx, *layer.grads.values(), *layer.buffers.values()))
+        rows = range(layer._xhat.shape[0])
+        pieces = [len(rows[p]) for p in layer._pieces(*layer._xhat.shape)]
+        assert pieces == ([7] if len(results) == 1 else [2, 2, 2, 1])
+    for got, want in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_layernorm_normalises_each_row(rng: np.random.Generator) -> None:
     layer = make_layer({"type": "layernorm"}, (3, 6))
     y = layer.forward(rng.standard_normal((2, 3, 6)) * 5 - 1, True)
