@@ -103,7 +103,7 @@ def sigmoid(xp: Any, x: Any) -> Any:
     e / (1 + e) below, with e = exp(-|x|) (both 0.5 at -0.0)."""
     e = xp.exp(-xp.abs(x))
     denominator = 1 + e
-    if xp is np and x.dtype.kind == "f":
+    if xp is np and x.dtype.kind == "f" and x.ndim:
         positive = np.divide(1, denominator)
         negative = np.divide(e, denominator, out=e)
         return take_where_negative(np.ascontiguousarray(x), negative, positive, denominator)

@@ -572,6 +572,20 @@ def test_take_where_negative_selects_by_the_sign_bit(
     assert np.array_equal(*bits)  # NaN's sign included
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_of_any_shape_is_the_logistic_function(dtype: Any) -> None:
+    from core.layers.activations import sigmoid
+
+    values = np.array([-800.0, -3.0, -0.0, 0.0, 0.5, 40.0, np.inf, -np.inf], dtype=dtype)
+    # whole, strided, 0-d and a NumPy scalar
+    for x in (values, values.reshape(2, 4)[:, ::2], values[5:6].reshape(()), dtype(-3.0)):
+        with np.errstate(over="ignore"):
+            expected = 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+        got = sigmoid(np, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+        assert got.dtype == dtype and got.shape == np.shape(x)
+
+
 def test_gelu_float32_chunks_cover_every_element(rng: np.random.Generator) -> None:
     from core.special import GELU_CHUNK, gelu_and_slope
 
