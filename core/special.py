@@ -191,7 +191,7 @@ def _gelu_and_slope_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = np.ascontiguousarray(x).reshape(-1)
     y = np.empty_like(flat)
     slope = np.empty_like(flat)
-    size = min(GELU_CHUNK, flat.size)
+    size = max(min(GELU_CHUNK, flat.size), 1)
     z, t, e = (np.empty(size, np.float32) for _ in range(3))
     first, *middle, last = _ERFCC
     for start in range(0, flat.size, size):

@@ -69,8 +69,8 @@ class BatchNorm(Layer):
 
     def _pieces(self, rows: int, width: int) -> list[slice]:
         """The row ranges of the passes: all rows at once except with NumPy."""
-        step = rows if self.xp is not np else max(1, BATCHNORM_CHUNK // width)
-        return [slice(lo, lo + step) for lo in range(0, rows, step)]
+        step = max(rows, 1) if self.xp is not np else max(1, BATCHNORM_CHUNK // width)
+        return [slice(lo, lo + step) for lo in range(0, max(rows, 1), step)]  # one if empty
 
     def _per_channel(self, wide_sums: Any) -> Any:
         """(k * C,) sums of the wide columns -> (C,) per-channel sums."""
