@@ -70,11 +70,20 @@ def _runs(
     (about twice as fast for the runs here); otherwise a strided view whose last axis
     is the run.
     """
+    if xp is not np:
+        return _strided_runs(xp, array, offset, shape, strides, run)
     item = array.itemsize
     byte_strides = tuple(st * item for st in strides)
-    if xp is np:
-        block = np.dtype((np.void, run * item))
-        return np.ndarray(shape, block, buffer=array, offset=offset * item, strides=byte_strides)
+    block = np.dtype((np.void, run * item))
+    return np.ndarray(shape, block, buffer=array, offset=offset * item, strides=byte_strides)
+
+
+def _strided_runs(
+    xp: Any, array: Any, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], run: int
+) -> Any:
+    """The blocks of :func:`_runs` as numbers: a strided view whose last axis is the run."""
+    item = array.itemsize
+    byte_strides = tuple(st * item for st in strides)
     return _as_strided(xp, array.reshape(-1)[offset:], (*shape, run), (*byte_strides, item))
 
 
@@ -155,6 +164,9 @@ class Workspace:
 # as (peak FLOP/s, n0) per product.
 _GEMM_RATES = {"forward": (540e9, 40), "dW": (380e9, 40), "dx": (460e9, 12)}
 _COPY_S = 0.1e-9
+#: dx adds its strip gradients straight into place (not through zeroed planes) with a
+#: stride above 1 or runs (strip width x channels) at least this long.
+_DIRECT_RUN = 128
 _RUN_S = 2e-9
 _ADD_S = 0.2e-9
 
@@ -364,28 +376,61 @@ class Conv2d(Layer):
         band = self._band(t, dy.dtype, bias=False)
         xp.matmul(dy.reshape(n * oh * tiles, t * f), band.T, out=dstrips)
         hp, wp = h + 2 * p, w + 2 * p
-        if p:
+        if s > 1 or self._tiling(t)[1] * c >= _DIRECT_RUN:
+            # Strided planes would be added every other image row, and long runs add as
+            # fast straight from the strip gradients: each piece adds into dx directly.
             dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
+            dx[...] = 0
+            for target, source in self._strip_adds(n, t, dy.dtype):
+                target += source
         else:
-            dx = self._buffers.output(xp, "dx", (n, hp, wp, c), dy.dtype)
-        first = True
-        for plane, pieces in self._planes(n, t, dy.dtype):
-            for i, (target, source) in enumerate(pieces):
-                target[...] = source
-                if first and s == 1:  # the first piece starts the sum
-                    dx[:, :oh] = plane
-                    dx[:, oh:] = 0
-                elif first:
-                    dx[...] = 0
-                    dx[:, i : i + s * oh : s] += plane
-                else:
-                    dx[:, i : i + s * oh : s] += plane
-                first = False
-        if not p:
-            return dx
+            if p:
+                dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
+            else:
+                dx = self._buffers.output(xp, "dx", (n, hp, wp, c), dy.dtype)
+            first = True
+            for plane, pieces in self._planes(n, t, dy.dtype):
+                for i, (target, source) in enumerate(pieces):
+                    target[...] = source
+                    if first:  # the first piece starts the sum
+                        dx[:, :oh] = plane
+                        dx[:, oh:] = 0
+                        first = False
+                    else:
+                        dx[:, i : i + oh] += plane
+            if not p:
+                return dx
         out = self._buffers.output(xp, "dx", (n, h, w, c), dy.dtype)
         out[...] = dx[:, p : p + h, p : p + w, :]
         return out
+
+    def _strip_adds(self, n: int, t: int, dtype: Any) -> list[tuple[Any, Any]]:
+        """Per group of non-overlapping strips and kernel row: (the places in the padded
+        dx, the strip gradients' pieces), as (N, OH, strips, run) views of numbers."""
+        xp = self.xp
+        c, h, w, oh, _ = self._geometry
+        k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
+        tiles, width, rows = self._tiling(t)
+        groups = -(-width // (t * s))
+        hp, wp = h + 2 * p, w + 2 * p
+        run = width * c
+        key = ("strip_adds", n, t, np.dtype(dtype).str)
+
+        def make() -> list[tuple[Any, Any]]:
+            dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dtype)
+            dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dtype)
+            out = []
+            for g in range(min(groups, tiles)):
+                shape = (n, oh, len(range(g, tiles, groups)))
+                places = (hp * wp * c, s * wp * c, groups * t * s * c)
+                pieces = (oh * tiles * rows, tiles * rows, groups * rows)
+                for i in range(k):
+                    target = _strided_runs(xp, dx, (i * wp + g * t * s) * c, shape, places, run)
+                    source = _strided_runs(xp, dstrips, g * rows + i * run, shape, pieces, run)
+                    out.append((target, source))
+            return out
+
+        return self._buffers.memo(key, make)
 
     def _planes(self, n: int, t: int, dtype: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
         """Per group of non-overlapping strips: a zeroed plane (N, OH, W_pad, C), and per

@@ -383,16 +383,18 @@ def test_conv2d_model_computes_the_cross_correlation_of_nchw_input(
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding"), [(3, 1, 1), (3, 2, 1), (5, 1, 2), (2, 2, 0)]
+    ("kernel", "stride", "padding", "channels"),
+    # 16 channels: wide strips take dx's direct adds (runs of 128 numbers and more)
+    [(3, 1, 1, 2), (3, 2, 1, 2), (5, 1, 2, 2), (2, 2, 0, 2), (3, 1, 1, 16)],
 )
 def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
-    kernel: int, stride: int, padding: int, rng: np.random.Generator
+    kernel: int, stride: int, padding: int, channels: int, rng: np.random.Generator
 ) -> None:
     """The cost model picks the strip widths by shape; every choice must compute the same."""
     spec = {"type": "conv2d", "filters": 3, "kernel_size": kernel}
     spec |= {"stride": stride, "padding": padding}
-    layer = make_layer(spec, (2, 7, 12), rng=rng)
-    x = engine_batch(rng, (2, 7, 12), 3)
+    layer = make_layer(spec, (channels, 7, 12), rng=rng)
+    x = engine_batch(rng, (channels, 7, 12), 3)
     expected_y = _direct_conv_nchw(
         nhwc_to_nchw(x), layer.params["W"], layer.params["b"], stride, padding
     )
