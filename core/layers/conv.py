@@ -164,11 +164,11 @@ class Workspace:
 # as (peak FLOP/s, n0) per product.
 _GEMM_RATES = {"forward": (540e9, 40), "dW": (380e9, 40), "dx": (460e9, 12)}
 _COPY_S = 0.1e-9
+_RUN_S = 2e-9
+_ADD_S = 0.2e-9
 #: dx adds its strip gradients straight into place (not through zeroed planes) with a
 #: stride above 1 or runs (strip width x channels) at least this long.
 _DIRECT_RUN = 128
-_RUN_S = 2e-9
-_ADD_S = 0.2e-9
 
 
 def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int, int]:
@@ -371,12 +371,12 @@ class Conv2d(Layer):
         # time, so the rest stays zero), and one add shifts the plane down by the kernel
         # row, whole image rows at a time.
         t = self.strip_dx
-        tiles, _, rows = self._tiling(t)
+        tiles, width, rows = self._tiling(t)
         dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dy.dtype)
         band = self._band(t, dy.dtype, bias=False)
         xp.matmul(dy.reshape(n * oh * tiles, t * f), band.T, out=dstrips)
         hp, wp = h + 2 * p, w + 2 * p
-        if s > 1 or self._tiling(t)[1] * c >= _DIRECT_RUN:
+        if s > 1 or width * c >= _DIRECT_RUN:
             # Strided planes would be added every other image row, and long runs add as
             # fast straight from the strip gradients: each piece adds into dx directly.
             dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)

@@ -67,10 +67,13 @@ class BatchNorm(Layer):
         self._k = side_by_side(rows, channels)
         return a.reshape(rows // self._k, self._k * channels)
 
-    def _pieces(self, rows: int, width: int) -> list[slice]:
-        """The row ranges of the passes: all rows at once except with NumPy."""
+    def _pieces(self, rows: int, width: int, dtype: Any) -> tuple[list[slice], Any]:
+        """The row ranges of the passes (all rows at once except with NumPy; one, empty,
+        for no rows), and a scratch array as large as the first."""
         step = max(rows, 1) if self.xp is not np else max(1, BATCHNORM_CHUNK // width)
-        return [slice(lo, lo + step) for lo in range(0, max(rows, 1), step)]  # one if empty
+        pieces = [slice(lo, min(lo + step, rows)) for lo in range(0, max(rows, 1), step)]
+        work = self._work.scratch(self.xp, "work", (pieces[0].stop, width), dtype)
+        return pieces, work
 
     def _per_channel(self, wide_sums: Any) -> Any:
         """(k * C,) sums of the wide columns -> (C,) per-channel sums."""
@@ -86,15 +89,14 @@ class BatchNorm(Layer):
         wide = self._wide(x)
         rows, width = wide.shape
         count = rows * self._k
-        pieces = self._pieces(rows, width)
         self._work.batch(rows)
-        work = self._work.scratch(xp, "work", (pieces[0].stop - pieces[0].start, width), x.dtype)
+        pieces, work = self._pieces(rows, width, x.dtype)
         if training:
             mean = self._per_channel(wide.sum(axis=0)) / count
             mean_row = self._repeat(mean)
             squares = xp.zeros(width, dtype=x.dtype)
             for part in pieces:
-                centered = xp.subtract(wide[part], mean_row, out=work[: _length(part, rows)])
+                centered = xp.subtract(wide[part], mean_row, out=work[: part.stop - part.start])
                 centered *= centered
                 squares += centered.sum(axis=0)
             var = self._per_channel(squares) / count
@@ -126,13 +128,12 @@ class BatchNorm(Layer):
         xhat = self._xhat
         rows, width = xhat.shape
         wide = dy.reshape(rows, width)
-        pieces = self._pieces(rows, width)
-        work = self._work.scratch(xp, "work", (pieces[0].stop - pieces[0].start, width), dy.dtype)
+        pieces, work = self._pieces(rows, width, dy.dtype)
         sums = xp.zeros(width, dtype=dy.dtype)
         scaled_sums = xp.zeros(width, dtype=dy.dtype)
         for part in pieces:
             sums += wide[part].sum(axis=0)
-            scaled = xp.multiply(wide[part], xhat[part], out=work[: _length(part, rows)])
+            scaled = xp.multiply(wide[part], xhat[part], out=work[: part.stop - part.start])
             scaled_sums += scaled.sum(axis=0)
         dbeta, dgamma = self._per_channel(sums), self._per_channel(scaled_sums)
         self._accumulate("gamma", dgamma)  # sum(dy * xhat)
@@ -146,15 +147,11 @@ class BatchNorm(Layer):
         count = rows * self._k
         mean_row, scaled_mean_row = self._repeat(dbeta / count), self._repeat(dgamma / count)
         for part in pieces:
-            term = xp.multiply(xhat[part], scaled_mean_row, out=work[: _length(part, rows)])
+            term = xp.multiply(xhat[part], scaled_mean_row, out=work[: part.stop - part.start])
             xp.subtract(wide[part], mean_row, out=dx[part])
             dx[part] -= term
             dx[part] *= scale_row
         return dx.reshape(dy.shape)
-
-
-def _length(part: slice, rows: int) -> int:
-    return min(part.stop, rows) - part.start
 
 
 class LayerNorm(Layer):
