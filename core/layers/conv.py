@@ -20,7 +20,9 @@ row of the band, against a column of ones in the strips.
 Backward: ``[dW; db]`` is ``strips.T @ dy``, read along the band. ``dx`` is
 ``dy @ band.T`` (with strips of their own width, cheaper to add back) added back
 where each strip was read: per group of strips that do not overlap and per
-kernel row, one block copy into a zeroed plane and one add of whole image rows.
+kernel row, one block copy into a zeroed plane and one add of whole image rows;
+or, with a stride or long runs, added straight into place, a few images at a
+time while their strip gradients are in cache.
 
 Work arrays are kept per batch shape and reused across steps (:class:`Workspace`),
 and short runs are copied as blocks (:func:`_runs`).
@@ -169,6 +171,9 @@ _ADD_S = 0.2e-9
 #: dx adds its strip gradients straight into place (not through zeroed planes) with a
 #: stride above 1 or runs (strip width x channels) at least this long.
 _DIRECT_RUN = 128
+#: Bytes of strip gradients that dx's direct adds work through at a time (NumPy): the
+#: product writes them and the adds read them while they are still in cache.
+_DX_PIECE_BYTES = 1 << 20
 
 
 def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int, int]:
@@ -372,18 +377,22 @@ class Conv2d(Layer):
         # row, whole image rows at a time.
         t = self.strip_dx
         tiles, width, rows = self._tiling(t)
-        dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dy.dtype)
         band = self._band(t, dy.dtype, bias=False)
-        xp.matmul(dy.reshape(n * oh * tiles, t * f), band.T, out=dstrips)
+        dy2 = dy.reshape(n * oh * tiles, t * f)
         hp, wp = h + 2 * p, w + 2 * p
         if s > 1 or width * c >= _DIRECT_RUN:
             # Strided planes would be added every other image row, and long runs add as
-            # fast straight from the strip gradients: each piece adds into dx directly.
+            # fast straight from the strip gradients: each piece adds into dx directly,
+            # a few images at a time, while their strip gradients are in cache.
             dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
             dx[...] = 0
-            for target, source in self._strip_adds(n, t, dy.dtype):
-                target += source
+            for gemm_rows, dstrips, adds in self._strip_adds(n, t, dy.dtype):
+                xp.matmul(dy2[gemm_rows], band.T, out=dstrips)
+                for target, source in adds:
+                    target += source
         else:
+            dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dy.dtype)
+            xp.matmul(dy2, band.T, out=dstrips)
             if p:
                 dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
             else:
@@ -404,9 +413,15 @@ class Conv2d(Layer):
         out[...] = dx[:, p : p + h, p : p + w, :]
         return out
 
-    def _strip_adds(self, n: int, t: int, dtype: Any) -> list[tuple[Any, Any]]:
-        """Per group of non-overlapping strips and kernel row: (the places in the padded
-        dx, the strip gradients' pieces), as (N, OH, strips, run) views of numbers."""
+    def _strip_adds(self, n: int, t: int, dtype: Any) -> list[tuple[slice, Any, list[Any]]]:
+        """dx's direct adds, a piece of the batch at a time: per piece, its rows of the
+        dx product, the strip gradients' array they go to, and per group of
+        non-overlapping strips and kernel row (the places in the padded dx, the strip
+        gradients' pieces), as (images, OH, strips, run) views of numbers.
+
+        With NumPy a piece is as many images as ``_DX_PIECE_BYTES`` of strip gradients
+        hold. The pieces depend on the layer and the batch size alone (as the one product
+        of the whole batch did), so dx's bits do not depend on where the layer runs."""
         xp = self.xp
         c, h, w, oh, _ = self._geometry
         k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
@@ -414,20 +429,34 @@ class Conv2d(Layer):
         groups = -(-width // (t * s))
         hp, wp = h + 2 * p, w + 2 * p
         run = width * c
-        key = ("strip_adds", n, t, np.dtype(dtype).str)
+        per_image = oh * tiles
+        images = n
+        if xp is np:
+            image_bytes = per_image * rows * np.dtype(dtype).itemsize
+            images = max(1, min(n, _DX_PIECE_BYTES // image_bytes))
+        key = ("strip_adds", n, t, images, np.dtype(dtype).str)
 
-        def make() -> list[tuple[Any, Any]]:
-            dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dtype)
-            dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dtype)
+        def adds(dx: Any, dstrips: Any, m: int) -> list[Any]:
             out = []
             for g in range(min(groups, tiles)):
-                shape = (n, oh, len(range(g, tiles, groups)))
+                shape = (m, oh, len(range(g, tiles, groups)))
                 places = (hp * wp * c, s * wp * c, groups * t * s * c)
-                pieces = (oh * tiles * rows, tiles * rows, groups * rows)
+                pieces = (per_image * rows, tiles * rows, groups * rows)
                 for i in range(k):
                     target = _strided_runs(xp, dx, (i * wp + g * t * s) * c, shape, places, run)
                     source = _strided_runs(xp, dstrips, g * rows + i * run, shape, pieces, run)
                     out.append((target, source))
+            return out
+
+        def make() -> list[tuple[slice, Any, list[Any]]]:
+            dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dtype)
+            dstrips = self._buffers.scratch(xp, f"dstrips{t}", (images * per_image, rows), dtype)
+            out = []
+            for lo in range(0, n, images):
+                m = min(images, n - lo)
+                piece = dstrips[: m * per_image]
+                gemm_rows = slice(lo * per_image, (lo + m) * per_image)
+                out.append((gemm_rows, piece, adds(dx[lo : lo + m], piece, m)))
             return out
 
         return self._buffers.memo(key, make)

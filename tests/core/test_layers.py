@@ -388,9 +388,17 @@ def test_conv2d_model_computes_the_cross_correlation_of_nchw_input(
     [(3, 1, 1, 2), (3, 2, 1, 2), (5, 1, 2, 2), (2, 2, 0, 2), (3, 1, 1, 16)],
 )
 def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
-    kernel: int, stride: int, padding: int, channels: int, rng: np.random.Generator
+    kernel: int,
+    stride: int,
+    padding: int,
+    channels: int,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The cost model picks the strip widths by shape; every choice must compute the same."""
+    """The cost model picks the strip widths by shape; every choice must compute the same,
+    and so must dx's direct adds, whole or in pieces of 2 and 1 images."""
+    from core.layers import conv
+
     spec = {"type": "conv2d", "filters": 3, "kernel_size": kernel}
     spec |= {"stride": stride, "padding": padding}
     layer = make_layer(spec, (channels, 7, 12), rng=rng)
@@ -401,14 +409,18 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
     dy = rng.standard_normal((3, *expected_y.shape[2:], 3))
     ow = expected_y.shape[-1]
     results = []
-    for t, t_dx in itertools.product([d for d in range(1, ow + 1) if ow % d == 0], repeat=2):
+    widths = [d for d in range(1, ow + 1) if ow % d == 0]
+    for t, t_dx, whole in itertools.product(widths, widths, [True, False]):
         layer.strip, layer.strip_dx = t, t_dx
+        tiles, _, rows = layer._tiling(t_dx)
+        two_images = 2 * expected_y.shape[2] * tiles * rows * x.itemsize
+        monkeypatch.setattr(conv, "_DX_PIECE_BYTES", 1 << 20 if whole else two_images)
         layer.zero_grad()
         y = layer.forward(x, True)
         np.testing.assert_allclose(nhwc_to_nchw(y), expected_y, rtol=1e-12, atol=1e-12)
         dx = layer.backward(dy)
         results.append((dx.copy(), layer.grads["W"].copy(), layer.grads["b"].copy()))
-    assert len(results) > 4
+    assert len(results) > 8
     for result in results[1:]:
         for got, want in zip(result, results[0], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
