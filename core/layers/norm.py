@@ -113,8 +113,8 @@ class BatchNorm(Layer):
         inv_std = 1.0 / xp.sqrt(var + self.spec.eps)
         inv_row = self._repeat(inv_std)
         gamma_row, beta_row = self._repeat(self.params["gamma"]), self._repeat(self.params["beta"])
-        xhat = xp.empty_like(wide)
-        y = xp.empty_like(wide)
+        xhat = self._work.scratch(xp, "xhat", wide.shape, x.dtype)
+        y = self._work.output(xp, "y", wide.shape, x.dtype)
         for part in pieces:
             xp.subtract(wide[part], mean_row, out=xhat[part])
             xhat[part] *= inv_row
@@ -140,7 +140,7 @@ class BatchNorm(Layer):
         self._accumulate("beta", dbeta)  # sum(dy)
         self._grads_done()
         scale_row = self._repeat(self.params["gamma"] * self._inv_std)
-        dx = xp.empty_like(wide)
+        dx = self._work.output(xp, "dx", wide.shape, dy.dtype)
         if not self._training:  # the statistics are constants
             xp.multiply(wide, scale_row, out=dx)
             return dx.reshape(dy.shape)
