@@ -188,6 +188,7 @@ class Model:
         self.xp = get_xp(device)
         self.seed = seed
         self.set_rng(np.random.default_rng(seed))
+        self._no_samples = False
 
     # --- running --------------------------------------------------------------
 
@@ -224,6 +225,16 @@ class Model:
             x = self._token_ids(x)
         else:
             x = self.xp.asarray(x, dtype=self.dtype)
+        # A batch of no samples has no outputs: the layers do not run (nothing of theirs,
+        # batchnorm's running statistics say, changes).
+        self._no_samples = len(x) == 0
+        if self._no_samples:
+            if tuple(x.shape[1:]) != tuple(self.input_shape):
+                raise ValueError(
+                    f"inputs must be (batch, {', '.join(map(str, self.input_shape))}), "
+                    f"got {tuple(x.shape)}"
+                )
+            return self.xp.zeros((0, *self.output_shape), dtype=self.dtype)
         if is_image(self.input_shape):
             x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
             if self.input_shape[0] > 1:
@@ -236,6 +247,10 @@ class Model:
 
     def backward(self, doutputs: Any) -> None:
         """Accumulate every layer's gradients from d(loss)/d(outputs)."""
+        if self._no_samples:
+            for layer in self.layers:
+                layer.backward_no_samples()
+            return
         dy = doutputs
         if is_image(self.output_shape):
             dy = dy.transpose(0, 2, 3, 1)

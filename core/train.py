@@ -129,6 +129,7 @@ class Trainer:
         self, x: Any, y: Any, *, scale: float = 1.0, rng_key: tuple[int, ...] = ()
     ) -> BatchStats:
         """Forward and backward on one batch, adding ``scale`` * its mean-loss gradient."""
+        _need_samples(x)
         model = self.model
         model.set_rng(np.random.default_rng([self.training.seed, 1, self.step, *rng_key]))
         y = model.xp.asarray(y)
@@ -243,6 +244,7 @@ class Trainer:
     def train_step(
         self, x: Any, y: Any, *, steps_per_epoch: int, total_steps: int, diagnose: bool = False
     ) -> BatchStats:
+        _need_samples(x)
         self.model.zero_grad()
         stats = self.compute_gradients(x, y)
         self.apply_gradients(
@@ -330,10 +332,8 @@ class Trainer:
         return stats
 
     def predict(self, X: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
-        outputs = [
-            to_numpy(self.model.forward(X[batch], training=False))
-            for batch in batch_slices(len(X), batch_size)
-        ]
+        batches = list(batch_slices(len(X), batch_size)) or [slice(0, 0)]  # none: no outputs
+        outputs = [to_numpy(self.model.forward(X[batch], training=False)) for batch in batches]
         return np.concatenate(outputs)
 
     # --- state ------------------------------------------------------------------------
@@ -369,6 +369,11 @@ class Trainer:
 
     def load(self, data: bytes) -> None:
         self.load_state_dict(from_npz_bytes(data))
+
+
+def _need_samples(x: Any) -> None:
+    if len(x) == 0:
+        raise ValueError("a training batch needs at least one sample, got none")
 
 
 #: Elements of a gradient whose squared norm is one BLAS dot product.

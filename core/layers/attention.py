@@ -263,6 +263,12 @@ class TransformerBlock(Layer):
         for part in self.parts.values():
             part.zero_grad()
 
+    def backward_no_samples(self) -> None:
+        self._link_parts()
+        for part in self.parts.values():
+            part.backward_no_samples()
+        self._grads_done()
+
     def forward(self, x: Any, training: bool) -> Any:
         self._link_parts()
         h = self.attn.forward(self.ln1.forward(x, training), training)

@@ -136,6 +136,14 @@ class Layer:
         """Make the next backward overwrite the gradients instead of adding to them."""
         self._overwrite_grads = True
 
+    def backward_no_samples(self) -> None:
+        """The backward of a batch of no samples: it adds nothing to the gradients (which
+        are zero if this backward was to overwrite them)."""
+        if self._overwrite_grads:
+            for grad in self.grads.values():
+                grad[...] = 0
+        self._grads_done()
+
     def _accumulate(self, name: str, value: Any) -> None:
         grad = self.grads[name]
         if self._overwrite_grads:
