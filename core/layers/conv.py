@@ -31,6 +31,7 @@ and short runs are copied as blocks (:func:`_runs`).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -413,6 +414,26 @@ class Conv2d(Layer):
         out[...] = dx[:, p : p + h, p : p + w, :]
         return out
 
+    def _strip_groups(self, t: int, images: int) -> list[_StripGroup]:
+        """The groups of strips of width ``t`` that do not overlap, over ``images`` images
+        of strip gradients (``(images * OH * strips, band rows)``)."""
+        c, _, _, oh, _ = self._geometry
+        k, s = self.spec.kernel_size, self.spec.stride
+        tiles, width, rows = self._tiling(t)
+        groups = -(-width // (t * s))
+        run = width * c
+        return [
+            _StripGroup(
+                shape=(images, oh, len(range(g, tiles, groups))),
+                column=g * t * s * c,
+                step=groups * t * s * c,
+                run=run,
+                sources=[g * rows + i * run for i in range(k)],
+                source_strides=(oh * tiles * rows, tiles * rows, groups * rows),
+            )
+            for g in range(min(groups, tiles))
+        ]
+
     def _strip_adds(self, n: int, t: int, dtype: Any) -> list[tuple[slice, Any, list[Any]]]:
         """dx's direct adds, a piece of the batch at a time: per piece, its rows of the
         dx product, the strip gradients' array they go to, and per group of
@@ -424,11 +445,9 @@ class Conv2d(Layer):
         of the whole batch did), so dx's bits do not depend on where the layer runs."""
         xp = self.xp
         c, h, w, oh, _ = self._geometry
-        k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
-        tiles, width, rows = self._tiling(t)
-        groups = -(-width // (t * s))
+        p, s = self.spec.padding, self.spec.stride
+        tiles, _, rows = self._tiling(t)
         hp, wp = h + 2 * p, w + 2 * p
-        run = width * c
         per_image = oh * tiles
         images = n
         if xp is np:
@@ -438,14 +457,15 @@ class Conv2d(Layer):
 
         def adds(dx: Any, dstrips: Any, m: int) -> list[Any]:
             out = []
-            for g in range(min(groups, tiles)):
-                shape = (m, oh, len(range(g, tiles, groups)))
-                places = (hp * wp * c, s * wp * c, groups * t * s * c)
-                pieces = (per_image * rows, tiles * rows, groups * rows)
-                for i in range(k):
-                    target = _strided_runs(xp, dx, (i * wp + g * t * s) * c, shape, places, run)
-                    source = _strided_runs(xp, dstrips, g * rows + i * run, shape, pieces, run)
-                    out.append((target, source))
+            for group in self._strip_groups(t, m):
+                places = (hp * wp * c, s * wp * c, group.step)
+                for i, source in enumerate(group.sources):
+                    out.append(
+                        (
+                            group.runs(xp, dx, i * wp * c + group.column, places, numbers=True),
+                            group.runs(xp, dstrips, source, group.source_strides, numbers=True),
+                        )
+                    )
             return out
 
         def make() -> list[tuple[slice, Any, list[Any]]]:
@@ -466,32 +486,44 @@ class Conv2d(Layer):
         kernel row the (blocks of the plane, blocks of the strip gradients) to copy."""
         xp = self.xp
         c, _, w, oh, _ = self._geometry
-        k, p, s = self.spec.kernel_size, self.spec.padding, self.spec.stride
-        tiles, width, rows = self._tiling(t)
-        groups = -(-width // (t * s))
-        wp = w + 2 * p
-        run = width * c
+        wp = w + 2 * self.spec.padding
+        tiles, _, rows = self._tiling(t)
         key = ("planes", n, t, np.dtype(dtype).str)
 
         def make() -> list[tuple[Any, list[tuple[Any, Any]]]]:
             dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dtype)
             out = []
-            for g in range(min(groups, tiles)):
+            for g, group in enumerate(self._strip_groups(t, n)):
                 plane = self._buffers.scratch(xp, f"plane{t}_{g}", (n, oh, wp, c), dtype, True)
-                count = len(range(g, tiles, groups))
-                shape = (n, oh, count)
-                target = _runs(
-                    xp, plane, g * t * s * c, shape, (oh * wp * c, wp * c, groups * t * s * c), run
-                )
-                strides = (oh * tiles * rows, tiles * rows, groups * rows)
+                target = group.runs(xp, plane, group.column, (oh * wp * c, wp * c, group.step))
                 pieces = [
-                    (target, _runs(xp, dstrips, g * rows + i * run, shape, strides, run))
-                    for i in range(k)
+                    (target, group.runs(xp, dstrips, source, group.source_strides))
+                    for source in group.sources
                 ]
                 out.append((plane, pieces))
             return out
 
         return self._buffers.memo(key, make)
+
+
+@dataclass(frozen=True)
+class _StripGroup:
+    """Strips ``g, g + groups, ...`` of every output row: strips that do not overlap,
+    so that their gradients go back in one copy or add per kernel row."""
+
+    shape: tuple[int, int, int]  # (images, OH, strips in the group)
+    column: int  # where its first strip starts in a padded image row (numbers)
+    step: int  # from one of its strips to the next (numbers)
+    run: int  # a strip's width x channels
+    sources: list[int]  # per kernel row, where its first piece lies in the strip gradients
+    source_strides: tuple[int, int, int]  # (image, output row, strip) in the strip gradients
+
+    def runs(
+        self, xp: Any, array: Any, offset: int, strides: tuple[int, ...], numbers: bool = False
+    ) -> Any:
+        """The group's runs in ``array`` (see :func:`_runs`; as numbers if asked)."""
+        view = _strided_runs if numbers else _runs
+        return view(xp, array, offset, self.shape, strides, self.run)
 
 
 # --- pooling ------------------------------------------------------------------------------
