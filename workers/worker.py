@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from core.backend import to_numpy
 from core.data import epoch_order
@@ -68,6 +69,20 @@ class WorkerInfo:
     #: Free space in the node's ``/dev/shm`` when the worker started (None: no such
     #: file system here).
     shm_free_bytes: int | None = None
+    #: Threads of each BLAS loaded in the worker (see :data:`BLAS_THREADS`).
+    blas_threads: tuple[int, ...] = ()
+
+
+#: BLAS threads of every worker. A product's bits depend on how many threads compute it
+#: (OpenBLAS splits the rows among them, and its kernels for the last rows add in
+#: another order), so workers must all use the same number, whatever the environment
+#: of their node says (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``); a worker has one CPU.
+BLAS_THREADS = 1
+
+
+def blas_threads() -> tuple[int, ...]:
+    """The threads of each BLAS loaded in this process."""
+    return tuple(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:
@@ -127,6 +142,7 @@ class TrainWorker:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
+        threadpool_limits(limits=BLAS_THREADS, user_api="blas")  # for the process's life
         self.trainer: Trainer | None = None
         self.allreduce: AllReduce | None = None
         self._epoch_in_progress: int | None = None
@@ -145,6 +161,7 @@ class TrainWorker:
             node_id=node_id,
             hostname=socket.gethostname(),
             shm_free_bytes=shm_free_bytes(),
+            blas_threads=blas_threads(),
         )
 
     def ping(self) -> int:

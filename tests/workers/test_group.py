@@ -52,6 +52,24 @@ def test_group_starts_ranks_in_order_and_shuts_down() -> None:
     assert placement_groups_alive() == before
 
 
+def test_workers_run_one_blas_thread_whatever_their_node_says() -> None:
+    """A product's bits depend on BLAS's thread count, so every worker pins the same one."""
+    from workers.worker import TrainWorker
+
+    env = {"env_vars": {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}}
+    actor = ray.remote(TrainWorker).options(num_cpus=0, runtime_env=env).remote(0, 1)
+    try:
+        info = ray.get(actor.info.remote(), timeout=120)
+        assert info.blas_threads == (1,)
+    finally:
+        ray.kill(actor)
+    group = WorkerGroup.start(2)
+    try:
+        assert all(info.blas_threads == (1,) for info in group.execute("info"))
+    finally:
+        group.shutdown()
+
+
 def test_resources_that_never_come_time_out_and_leave_nothing_behind() -> None:
     before = placement_groups_alive()
     with pytest.raises(WorkerGroupStartupTimeoutError, match="not placed"):
