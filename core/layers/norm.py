@@ -20,14 +20,18 @@ class BatchNorm(Layer):
     x: (N, F) or (N, H, W, C); gamma, beta: (F,) or (C,).
     Training: batch statistics, running stats updated with ``momentum`` and the
     unbiased variance (as PyTorch); evaluation: the running statistics.
-    dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per channel.
+    y = x * scale + shift with scale = gamma * inv_std, shift = beta - mean * scale (as
+    PyTorch's CPU kernel), and
+    dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per channel, with
+    xhat = (x - mean) * inv_std recomputed from x: keeping x costs nothing (it is the
+    previous layer's output), keeping xhat an array as large written and read again.
 
     The work runs on wide rows: ``k`` consecutive rows of ``(N * H * W, C)`` side by
     side, with each per-channel vector repeated ``k`` times. NumPy sums a column and
     broadcasts a row one row at a time, so 16 channels would take 16-number steps; a
     channel's sum adds its ``k`` partial sums last. With NumPy the rows go a piece at a
     time (``BATCHNORM_CHUNK`` numbers): the forward reads x three times (its sum, the
-    sum of squares about the mean, the output) and the backward dy and xhat twice.
+    sum of squares about the mean, the output) and the backward dy and x twice each.
     """
 
     type = "batchnorm"
@@ -108,49 +112,52 @@ class BatchNorm(Layer):
             running_var *= 1 - m
             running_var += m * unbiased
         else:
-            mean_row = self._repeat(self.buffers["running_mean"])
+            mean = self.buffers["running_mean"]
             var = self.buffers["running_var"]
         inv_std = 1.0 / xp.sqrt(var + self.spec.eps)
-        inv_row = self._repeat(inv_std)
-        gamma_row, beta_row = self._repeat(self.params["gamma"]), self._repeat(self.params["beta"])
-        xhat = self._work.scratch(xp, "xhat", wide.shape, x.dtype)
+        scale = self.params["gamma"] * inv_std
+        scale_row, shift_row = self._repeat(scale), self._repeat(self.params["beta"] - mean * scale)
         y = self._work.output(xp, "y", wide.shape, x.dtype)
         for part in pieces:
-            xp.subtract(wide[part], mean_row, out=xhat[part])
-            xhat[part] *= inv_row
-            xp.multiply(xhat[part], gamma_row, out=y[part])
-            y[part] += beta_row
-        self._xhat, self._inv_std, self._training = xhat, inv_std, training
+            xp.multiply(wide[part], scale_row, out=y[part])
+            y[part] += shift_row
+        self._x, self._mean, self._inv_std, self._training = wide, mean, inv_std, training
         return y.reshape(x.shape)
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
-        xhat = self._xhat
-        rows, width = xhat.shape
+        x = self._x
+        rows, width = x.shape
         wide = dy.reshape(rows, width)
         pieces, work = self._pieces(rows, width, dy.dtype)
+        mean_row = self._repeat(self._mean)
         sums = xp.zeros(width, dtype=dy.dtype)
-        scaled_sums = xp.zeros(width, dtype=dy.dtype)
+        dots = xp.zeros(width, dtype=dy.dtype)  # sum(dy * (x - mean))
         for part in pieces:
             sums += wide[part].sum(axis=0)
-            scaled = xp.multiply(wide[part], xhat[part], out=work[: part.stop - part.start])
-            scaled_sums += scaled.sum(axis=0)
-        dbeta, dgamma = self._per_channel(sums), self._per_channel(scaled_sums)
+            centered = xp.subtract(x[part], mean_row, out=work[: part.stop - part.start])
+            centered *= wide[part]
+            dots += centered.sum(axis=0)
+        dbeta, dgamma = self._per_channel(sums), self._per_channel(dots) * self._inv_std
         self._accumulate("gamma", dgamma)  # sum(dy * xhat)
         self._accumulate("beta", dbeta)  # sum(dy)
         self._grads_done()
-        scale_row = self._repeat(self.params["gamma"] * self._inv_std)
+        scale = self.params["gamma"] * self._inv_std
+        scale_row = self._repeat(scale)
         dx = self._work.output(xp, "dx", wide.shape, dy.dtype)
         if not self._training:  # the statistics are constants
             xp.multiply(wide, scale_row, out=dx)
             return dx.reshape(dy.shape)
         count = rows * self._k
-        mean_row, scaled_mean_row = self._repeat(dbeta / count), self._repeat(dgamma / count)
+        # dx = dy * scale - scale * mean(dy) - (x - mean) * scale * inv_std * mean(dy * xhat)
+        centered_row = self._repeat(scale * self._inv_std * dgamma / count)
+        mean_row_dy = self._repeat(scale * dbeta / count)
         for part in pieces:
-            term = xp.multiply(xhat[part], scaled_mean_row, out=work[: part.stop - part.start])
-            xp.subtract(wide[part], mean_row, out=dx[part])
+            term = xp.subtract(x[part], mean_row, out=work[: part.stop - part.start])
+            term *= centered_row
+            xp.multiply(wide[part], scale_row, out=dx[part])
             dx[part] -= term
-            dx[part] *= scale_row
+            dx[part] -= mean_row_dy
         return dx.reshape(dy.shape)
 
 
