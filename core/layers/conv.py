@@ -529,6 +529,20 @@ class _StripGroup:
 # --- pooling ------------------------------------------------------------------------------
 
 
+def _take_pixels(xp: Any, flat: Any, out: Any, row_step: int, pixel_step: int) -> None:
+    """``out[i, j]`` (an ``(R, OW, C)`` array) = the ``C`` numbers of the 1-D ``flat`` from
+    ``i * row_step + j * pixel_step`` on (steps in numbers)."""
+    item, c = flat.itemsize, out.shape[2]
+    if xp is np:  # each pixel's C numbers as one element: half the time
+        pixel = np.dtype((np.void, c * item))
+        source = _as_strided(
+            xp, flat.view(pixel), out.shape[:2], (row_step * item, pixel_step * item)
+        )
+        out.reshape(-1, c).view(pixel).reshape(out.shape[:2])[...] = source
+    else:
+        out[...] = _as_strided(xp, flat, out.shape, (row_step * item, pixel_step * item, item))
+
+
 class _Pool2d(Layer):
     """Shared geometry of max and average pooling (no padding, floor mode)."""
 
@@ -660,15 +674,7 @@ class MaxPool2d(_Pool2d):
         xp.logical_xor(row, mask[:n1], out=row)
         xp.logical_or(mask[c:], row, out=mask[c:])
         y = self._buffers.output(xp, "y", (n, oh, ow, c), x.dtype)
-        item = peak.itemsize
-        if xp is np:  # copy each window's C channels as one element: half the time
-            pixel = np.dtype((np.void, c * item))
-            source = _as_strided(xp, peak.view(pixel), (r, ow), (2 * length * item, 2 * c * item))
-            y.reshape(r * ow, c).view(pixel).reshape(r, ow)[...] = source
-        else:
-            y.reshape(r, ow, c)[...] = _as_strided(
-                xp, peak, (r, ow, c), (2 * length * item, 2 * c * item, item)
-            )
+        _take_pixels(xp, peak, y.reshape(r, ow, c), 2 * length, 2 * c)
         self._mask, self._x_shape = mask, x.shape
         return y
 
@@ -699,25 +705,88 @@ class MaxPool2d(_Pool2d):
 
 
 class AvgPool2d(_Pool2d):
-    """Mean over each window. x: (N, H, W, C) -> y: (N, OH, OW, C); dx = dy / (k*k) per window."""
+    """Mean over each window. x: (N, H, W, C) -> y: (N, OH, OW, C); dx = dy / (k*k) per window.
+
+    Windows that do not overlap (stride = pool size, the usual case) work on whole image
+    rows: the ``k`` input rows under a row of windows are added as contiguous rows, and a
+    window's ``k`` pixels, ``C`` apart in such a row, by ``k - 1`` shifted adds of the
+    flat sums, whose every ``k``-th pixel is a window's sum. Backward repeats each
+    window's ``dy / k^2`` over its pixels and rows. Overlapping windows add their strided
+    views of x, one per window offset.
+    """
 
     type = "avgpool2d"
 
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._buffers = Workspace()
+
+    def _tiled(self) -> bool:
+        _, _, _, _, _, k, s = self._geometry
+        return k == s > 1
+
     def forward(self, x: Any, training: bool) -> Any:
+        self._x_shape = x.shape
+        if self._tiled():
+            return self._forward_tiled(x)
         xp = self.xp
         views = self._offsets(x)
         y = xp.array(next(views))
         for view in views:
             y += view
         y *= 1.0 / (self._geometry[5] ** 2)
-        self._x_shape = x.shape
         return y
 
     def backward(self, dy: Any) -> Any:
+        if self._tiled():
+            return self._backward_tiled(dy)
         dx = self.xp.zeros(self._x_shape, dtype=dy.dtype)
         share = dy * (1.0 / (self._geometry[5] ** 2))
         for dview in self._offsets(dx):
             dview += share
+        return dx
+
+    def _forward_tiled(self, x: Any) -> Any:
+        xp = self.xp
+        c, h, w, oh, ow, k, _ = self._geometry
+        n = x.shape[0]
+        self._buffers.batch(n)
+        if h != k * oh or w != k * ow:
+            x = x[:, : k * oh, : k * ow, :]
+        rows = x.reshape(n * oh, k, ow * k * c)  # a view where x is whole and contiguous
+        r, length = rows.shape[0], rows.shape[2]
+        sums = self._buffers.scratch(xp, "sums", (r, length), x.dtype)
+        xp.add(rows[:, 0], rows[:, 1], out=sums)
+        for i in range(2, k):
+            sums += rows[:, i]
+        flat = sums.reshape(-1)
+        size = flat.size - (k - 1) * c
+        window = self._buffers.scratch(xp, "window", (size,), x.dtype)
+        xp.add(flat[:size], flat[c : c + size], out=window)
+        for j in range(2, k):
+            window += flat[j * c : j * c + size]
+        window *= 1.0 / (k * k)
+        # every k-th pixel of the shifted sums is a window's mean
+        y = self._buffers.output(xp, "y", (n, oh, ow, c), x.dtype)
+        _take_pixels(xp, window, y.reshape(r, ow, c), length, k * c)
+        return y
+
+    def _backward_tiled(self, dy: Any) -> Any:
+        xp = self.xp
+        c, h, w, oh, ow, k, _ = self._geometry
+        n = dy.shape[0]
+        self._buffers.batch(n)
+        r = n * oh
+        share = xp.multiply(dy, 1.0 / (k * k)).reshape(r * ow, c)
+        along = xp.repeat(share, k, axis=0).reshape(r, 1, ow * k * c)
+        dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
+        if h == k * oh and w == k * ow:
+            dx.reshape(r, k, ow * k * c)[...] = along
+            return dx
+        dx[...] = 0
+        dx[:, : k * oh, : k * ow, :] = xp.broadcast_to(along, (r, k, ow * k * c)).reshape(
+            n, k * oh, k * ow, c
+        )
         return dx
 
 

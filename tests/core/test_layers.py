@@ -92,6 +92,7 @@ CASES: dict[str, Case] = {
     "maxpool2d-k2-s1-overlapping": Case(_pool("maxpool2d", 2, 1)),
     "avgpool2d-k2-s2": Case(_pool("avgpool2d", 2, None)),
     "avgpool2d-k3-s1-overlapping": Case(_pool("avgpool2d", 3, 1)),
+    "avgpool2d-k3-s3": Case(_pool("avgpool2d", 3, None)),
     "global_avgpool": Case(_image({"type": "global_avgpool"})),
     "flatten-image": Case(_image({"type": "flatten"})),
     "flatten-sequence": Case(_sequence({"type": "flatten"})),
@@ -461,6 +462,36 @@ def test_overlapping_maxpool_adds_gradients_of_shared_maxima() -> None:
     expected = np.zeros((3, 3))
     expected[1, 1] = 1 + 2 + 3 + 4
     np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize(
+    ("pool", "shape"),
+    [(2, (3, 6, 8)), (2, (3, 7, 9)), (3, (2, 9, 6)), (3, (2, 10, 11))],
+    ids=["k2", "k2-cropped", "k3", "k3-cropped"],
+)
+def test_avgpool_on_whole_rows_gives_the_numbers_of_the_window_views(
+    pool: int, shape: tuple[int, int, int], rng: np.random.Generator
+) -> None:
+    """Windows that do not overlap take the row path, and give what the path of
+    overlapping windows (one strided view per window offset) and plain window means
+    give. Each path runs twice, so that arrays kept from the first step are written
+    again; cropped inputs leave their last rows or columns out, with a zero gradient."""
+    layer = make_layer({"type": "avgpool2d", "pool_size": pool}, shape)
+    assert layer._tiled()
+    c, h, w = shape
+    oh, ow = h // pool, w // pool
+    for tiled in (True, False):
+        layer._tiled = lambda tiled=tiled: tiled  # type: ignore[method-assign]
+        for _ in range(2):
+            x = engine_batch(rng, shape, 3)
+            dy = rng.standard_normal((3, oh, ow, c))
+            windows = x[:, : oh * pool, : ow * pool, :].reshape(3, oh, pool, ow, pool, c)
+            y = layer.forward(x, True)
+            np.testing.assert_allclose(y, windows.mean(axis=(2, 4)), rtol=1e-12, atol=1e-15)
+            expected = np.zeros_like(x)
+            spread = np.repeat(np.repeat(dy, pool, axis=1), pool, axis=2) / pool**2
+            expected[:, : oh * pool, : ow * pool, :] = spread
+            np.testing.assert_allclose(layer.backward(dy), expected, rtol=1e-12, atol=1e-15)
 
 
 def test_gelu_is_the_exact_erf_form(rng: np.random.Generator) -> None:

@@ -84,12 +84,17 @@ def test_conv2d(kernel: int, stride: int, padding: int, rng: np.random.Generator
     close(grads["b"], b.grad, "db")
 
 
-@pytest.mark.parametrize(("pool", "stride"), [(2, 2), (3, 2), (2, 1)], ids=["k2", "k3-s2", "k2-s1"])
-def test_maxpool2d(pool: int, stride: int, rng: np.random.Generator) -> None:
-    layer = make_layer({"type": "maxpool2d", "pool_size": pool, "stride": stride}, (2, 7, 8))
+_POOLS = [(2, 2), (3, 2), (2, 1), (3, 3)]
+_POOL_IDS = ["k2", "k3-s2", "k2-s1", "k3"]
+
+
+@pytest.mark.parametrize("kind", ["maxpool2d", "avgpool2d"])
+@pytest.mark.parametrize(("pool", "stride"), _POOLS, ids=_POOL_IDS)
+def test_pool2d(kind: str, pool: int, stride: int, rng: np.random.Generator) -> None:
+    layer = make_layer({"type": kind, "pool_size": pool, "stride": stride}, (2, 7, 8))
     x = rng.standard_normal((2, 2, 7, 8))
     xt = t(x, True)
-    yt = F.max_pool2d(xt, pool, stride)
+    yt = (F.max_pool2d if kind == "maxpool2d" else F.avg_pool2d)(xt, pool, stride)
     dy = rng.standard_normal(tuple(yt.shape))
     yt.backward(t(dy))
     y, dx, _ = _run_layer(layer, nchw_to_nhwc(x), nchw_to_nhwc(dy))
