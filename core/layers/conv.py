@@ -22,7 +22,10 @@ Backward: ``[dW; db]`` is ``strips.T @ dy``, read along the band. ``dx`` is
 where each strip was read: per group of strips that do not overlap and per
 kernel row, one block copy into a zeroed plane and one add of whole image rows;
 or, with a stride or long runs, added straight into place, a few images at a
-time while their strip gradients are in cache.
+time while their strip gradients are in cache. With stride 1, ``dx`` is also the
+convolution of ``dy`` (padded by ``KH - 1 - padding``) with the kernel flipped and its
+channels and filters swapped: a forward pass of strips, with no adds; the cost model
+picks whichever costs less.
 
 Work arrays are kept per batch shape and reused across steps (:class:`Workspace`),
 and short runs are copied as blocks (:func:`_runs`).
@@ -45,6 +48,7 @@ from core.layers.base import (
     mean_of_rows,
     spread_over_rows,
 )
+from core.spec import Conv2dSpec
 
 
 def _out_size(size: int, kernel: int, stride: int) -> int:
@@ -183,10 +187,13 @@ def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int,
     return oh * (ow // t), k * width * c, -(-width // (t * s))
 
 
-def _strip_widths(c: int, f: int, k: int, s: int, w_pad: int, oh: int, ow: int) -> tuple[int, int]:
-    """Strip widths (divisors of ``ow``) with the least modelled cost: one for the forward
-    product and dW (a gather, two GEMMs), one for dx (a GEMM, a scatter and the adds)."""
-    best = {"forward": (float("inf"), 1), "dx": (float("inf"), 1)}
+def _strip_costs(
+    c: int, f: int, k: int, s: int, w_pad: int, oh: int, ow: int
+) -> dict[str, tuple[float, int]]:
+    """Per pass, the least modelled cost per sample and its strip width (a divisor of
+    ``ow``): "forward" (the forward product and dW: a gather, two GEMMs), "dx" (a GEMM, a
+    scatter and the adds) and "product" (a gather and the forward GEMM alone)."""
+    best = {name: (float("inf"), 1) for name in ("forward", "dx", "product")}
     for t in range(1, ow + 1):
         if ow % t:
             continue
@@ -198,10 +205,11 @@ def _strip_widths(c: int, f: int, k: int, s: int, w_pad: int, oh: int, ow: int) 
         for name, cost in (
             ("forward", gemm["forward"] + gemm["dW"] + copy),
             ("dx", gemm["dx"] + copy + adds),
+            ("product", gemm["forward"] + copy),
         ):
             if cost < best[name][0] * 0.999:
                 best[name] = (cost, t)
-    return best["forward"][1], best["dx"][1]
+    return best
 
 
 class Conv2d(Layer):
@@ -224,6 +232,10 @@ class Conv2d(Layer):
         #: of the output width, chosen by ``infer``; tests and benchmarks may set others.
         self.strip = 1
         self.strip_dx = 1
+        #: With stride 1, whether dx is taken as the convolution of dy with the flipped
+        #: kernel (:meth:`flipped_conv`) instead of through strip gradients; also by cost.
+        self.dx_as_conv = False
+        self._flipped: Conv2d | None = None
 
     def _infer(self, input_shape: Shape) -> Shape:
         _need_image("conv2d", input_shape, "kernel_size")
@@ -238,8 +250,31 @@ class Conv2d(Layer):
             raise ShapeError(f"padding {p} must be smaller than kernel_size {k}", "padding")
         oh, ow = _out_size(h + 2 * p, k, s), _out_size(w + 2 * p, k, s)
         self._geometry = (c, h, w, oh, ow)
-        self.strip, self.strip_dx = _strip_widths(c, self.spec.filters, k, s, w + 2 * p, oh, ow)
-        return (self.spec.filters, oh, ow)
+        f = self.spec.filters
+        best = _strip_costs(c, f, k, s, w + 2 * p, oh, ow)
+        self.strip, self.strip_dx = best["forward"][1], best["dx"][1]
+        self.dx_as_conv, self._flipped = False, None
+        if s == 1:  # dx is also dy convolved with the flipped kernel: the cheaper way
+            q = k - 1 - p
+            flipped = _strip_costs(f, c, k, 1, ow + 2 * q, h, w)["product"]
+            self.dx_as_conv = flipped[0] < best["dx"][0]
+        return (f, oh, ow)
+
+    def flipped_conv(self) -> Conv2d:
+        """dx as a convolution (stride 1): the layer that convolves dy, padded by ``k - 1 -
+        p``, with this layer's kernel flipped and its channels and filters swapped, into
+        the input's shape. Its strip width is the cost model's for that product alone."""
+        if self._flipped is None:
+            c, h, w, oh, ow = self._geometry
+            k, p, f = self.spec.kernel_size, self.spec.padding, self.spec.filters
+            spec = Conv2dSpec(type="conv2d", filters=c, kernel_size=k, padding=k - 1 - p)
+            flipped = Conv2d(spec)
+            flipped.infer((f, oh, ow))
+            flipped.strip = _strip_costs(f, c, k, 1, ow + 2 * (k - 1 - p), h, w)["product"][1]
+            flipped.xp, flipped.dtype = self.xp, self.dtype
+            flipped.params["b"] = self.xp.zeros(c, dtype=self.dtype)
+            self._flipped = flipped
+        return self._flipped
 
     def param_shapes(self) -> dict[str, Shape]:
         k = self.spec.kernel_size
@@ -371,6 +406,10 @@ class Conv2d(Layer):
         self._grads_done()
         if not self.needs_input_grad:
             return None
+        if self.dx_as_conv:
+            flipped = self.flipped_conv()
+            flipped.params["W"] = self.params["W"].transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+            return flipped.forward(dy, False)
         # dx: each strip's gradient (dy @ band.T, strips of their own width), added back
         # where the strip was read. Strips of one group do not overlap: for each group and
         # kernel row, one copy places the pieces in a zeroed plane (the same places every

@@ -397,7 +397,8 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cost model picks the strip widths by shape; every choice must compute the same,
-    and so must dx's direct adds, whole or in pieces of 2 and 1 images."""
+    and so must dx's direct adds, whole or in pieces of 2 and 1 images, and (stride 1) dx
+    as the convolution of dy with the flipped kernel, in strips of every width."""
     from core.layers import conv
 
     spec = {"type": "conv2d", "filters": 3, "kernel_size": kernel}
@@ -410,18 +411,28 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
     dy = rng.standard_normal((3, *expected_y.shape[2:], 3))
     ow = expected_y.shape[-1]
     results = []
-    widths = [d for d in range(1, ow + 1) if ow % d == 0]
-    for t, t_dx, whole in itertools.product(widths, widths, [True, False]):
-        layer.strip, layer.strip_dx = t, t_dx
-        tiles, _, rows = layer._tiling(t_dx)
-        two_images = 2 * expected_y.shape[2] * tiles * rows * x.itemsize
-        monkeypatch.setattr(conv, "_DX_PIECE_BYTES", 1 << 20 if whole else two_images)
+
+    def run() -> None:
         layer.zero_grad()
         y = layer.forward(x, True)
         np.testing.assert_allclose(nhwc_to_nchw(y), expected_y, rtol=1e-12, atol=1e-12)
         dx = layer.backward(dy)
         results.append((dx.copy(), layer.grads["W"].copy(), layer.grads["b"].copy()))
+
+    widths = [d for d in range(1, ow + 1) if ow % d == 0]
+    layer.dx_as_conv = False
+    for t, t_dx, whole in itertools.product(widths, widths, [True, False]):
+        layer.strip, layer.strip_dx = t, t_dx
+        tiles, _, rows = layer._tiling(t_dx)
+        two_images = 2 * expected_y.shape[2] * tiles * rows * x.itemsize
+        monkeypatch.setattr(conv, "_DX_PIECE_BYTES", 1 << 20 if whole else two_images)
+        run()
     assert len(results) > 8
+    if stride == 1:
+        layer.dx_as_conv = True
+        for t in (1, 2, 3, 4, 6, 12):  # the divisors of the input's width
+            layer.flipped_conv().strip = t
+            run()
     for result in results[1:]:
         for got, want in zip(result, results[0], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
