@@ -463,6 +463,34 @@ def test_maxpool_sends_the_gradient_to_the_first_maximum_of_a_tie() -> None:
     np.testing.assert_array_equal(dx[0, :, :, 0], [[5.0, 0.0], [0.0, 0.0]])
 
 
+@pytest.mark.parametrize(
+    ("pool", "stride", "shape"),
+    [(3, 2, (2, 9, 8)), (2, 1, (3, 5, 6)), (3, 1, (2, 6, 7)), (2, 3, (2, 8, 9)), (1, 2, (2, 5, 5))],
+    ids=["k3-s2", "k2-s1", "k3-s1", "k2-s3-gaps", "k1-s2"],
+)
+def test_maxpool_of_any_window_sends_each_gradient_to_its_first_maximum(
+    pool: int, stride: int, shape: tuple[int, int, int], rng: np.random.Generator
+) -> None:
+    """Windows other than 2x2 stride 2 (overlapping, with gaps between them, of one
+    pixel): against a loop over the windows, on numbers with many ties, twice."""
+    layer = make_layer({"type": "maxpool2d", "pool_size": pool, "stride": stride}, shape)
+    assert not layer._fast()
+    c, h, w = shape
+    oh, ow = (h - pool) // stride + 1, (w - pool) // stride + 1
+    for _ in range(2):
+        x = rng.integers(0, 3, (2, h, w, c)).astype(np.float64)
+        dy = rng.standard_normal((2, oh, ow, c))
+        expected_y = np.empty_like(dy)
+        expected_dx = np.zeros_like(x)
+        for n, u, v, ch in itertools.product(range(2), range(oh), range(ow), range(c)):
+            window = x[n, u * stride : u * stride + pool, v * stride : v * stride + pool, ch]
+            i, j = np.unravel_index(np.argmax(window), window.shape)  # the first, row-major
+            expected_y[n, u, v, ch] = window[i, j]
+            expected_dx[n, u * stride + i, v * stride + j, ch] += dy[n, u, v, ch]
+        np.testing.assert_array_equal(layer.forward(x, True), expected_y)
+        np.testing.assert_allclose(layer.backward(dy), expected_dx, rtol=1e-15, atol=1e-15)
+
+
 def test_overlapping_maxpool_adds_gradients_of_shared_maxima() -> None:
     layer = make_layer({"type": "maxpool2d", "pool_size": 2, "stride": 1}, (1, 3, 3))
     x = np.zeros((1, 3, 3, 1))
