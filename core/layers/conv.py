@@ -236,6 +236,7 @@ class Conv2d(Layer):
         #: kernel (:meth:`flipped_conv`) instead of through strip gradients; also by cost.
         self.dx_as_conv = False
         self._flipped: Conv2d | None = None
+        self._flipped_strip = 1
 
     def _infer(self, input_shape: Shape) -> Shape:
         _need_image("conv2d", input_shape, "kernel_size")
@@ -255,9 +256,8 @@ class Conv2d(Layer):
         self.strip, self.strip_dx = best["forward"][1], best["dx"][1]
         self.dx_as_conv, self._flipped = False, None
         if s == 1:  # dx is also dy convolved with the flipped kernel: the cheaper way
-            q = k - 1 - p
-            flipped = _strip_costs(f, c, k, 1, ow + 2 * q, h, w)["product"]
-            self.dx_as_conv = flipped[0] < best["dx"][0]
+            cost, t = _strip_costs(f, c, k, 1, ow + 2 * (k - 1 - p), h, w)["product"]
+            self.dx_as_conv, self._flipped_strip = cost < best["dx"][0], t
         return (f, oh, ow)
 
     def flipped_conv(self) -> Conv2d:
@@ -270,7 +270,7 @@ class Conv2d(Layer):
             spec = Conv2dSpec(type="conv2d", filters=c, kernel_size=k, padding=k - 1 - p)
             flipped = Conv2d(spec)
             flipped.infer((f, oh, ow))
-            flipped.strip = _strip_costs(f, c, k, 1, ow + 2 * (k - 1 - p), h, w)["product"][1]
+            flipped.strip = self._flipped_strip
             flipped.xp, flipped.dtype = self.xp, self.dtype
             flipped.params["b"] = self.xp.zeros(c, dtype=self.dtype)
             self._flipped = flipped
