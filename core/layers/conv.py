@@ -606,6 +606,24 @@ class _Pool2d(Layer):
             for j in range(k):
                 yield x[:, i : i + s * oh : s, j : j + s * ow : s, :]
 
+    # Windows that tile the input (stride = pool size) work on whole image rows.
+
+    def _rows(self, x: Any) -> Any:
+        """x as (N * OH, k, OW * k * C): the ``k`` input rows under each row of windows
+        (rows and columns that no window covers left out)."""
+        c, h, w, oh, ow, k, _ = self._geometry
+        n = x.shape[0]
+        if h != k * oh or w != k * ow:
+            x = x[:, : k * oh, : k * ow, :]
+        return self.xp.ascontiguousarray(x).reshape(n * oh, k, ow * k * c)
+
+    def _along(self, dy: Any) -> Any:
+        """Each window's ``dy`` at its ``k`` pixels of a row, (N * OH, 1, OW * k * C), to
+        broadcast over the window's rows as laid out by :meth:`_rows`."""
+        c, _, _, oh, ow, k, _ = self._geometry
+        r = dy.shape[0] * oh
+        return self.xp.repeat(dy.reshape(r * ow, c), k, axis=0).reshape(r, 1, ow * k * c)
+
 
 class MaxPool2d(_Pool2d):
     """Max over each window; the gradient goes to the first maximum, as in PyTorch.
@@ -658,14 +676,6 @@ class MaxPool2d(_Pool2d):
         return dx
 
     # --- 2x2, stride 2 ------------------------------------------------------------------
-
-    def _rows(self, x: Any) -> Any:
-        """x as (N * OH, 2, 2 * OW * C): the two input rows under each row of windows."""
-        c, h, w, oh, ow, _, _ = self._geometry
-        n = x.shape[0]
-        if h != 2 * oh or w != 2 * ow:
-            x = x[:, : 2 * oh, : 2 * ow, :]
-        return self.xp.ascontiguousarray(x).reshape(n * oh, 2, 2 * ow * c)
 
     def _forward_2x2(self, x: Any) -> Any:
         """Every step is one contiguous pass over the flattened rows.
@@ -732,7 +742,7 @@ class MaxPool2d(_Pool2d):
         length = 2 * ow * c
         # dy of each window at both elements of its rows, then times the mask (broadcast
         # over the two rows)
-        along = xp.repeat(dy.reshape(r * ow, c), 2, axis=0).reshape(r, 1, length)
+        along = self._along(dy)
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
         mask = self._mask.reshape(r, 2, length)
         if h == 2 * oh and w == 2 * ow:
@@ -787,12 +797,10 @@ class AvgPool2d(_Pool2d):
 
     def _forward_tiled(self, x: Any) -> Any:
         xp = self.xp
-        c, h, w, oh, ow, k, _ = self._geometry
+        c, _, _, oh, ow, k, _ = self._geometry
         n = x.shape[0]
         self._buffers.batch(n)
-        if h != k * oh or w != k * ow:
-            x = x[:, : k * oh, : k * ow, :]
-        rows = x.reshape(n * oh, k, ow * k * c)  # a view where x is whole and contiguous
+        rows = self._rows(x)
         r, length = rows.shape[0], rows.shape[2]
         sums = self._buffers.scratch(xp, "sums", (r, length), x.dtype)
         xp.add(rows[:, 0], rows[:, 1], out=sums)
@@ -816,8 +824,7 @@ class AvgPool2d(_Pool2d):
         n = dy.shape[0]
         self._buffers.batch(n)
         r = n * oh
-        share = xp.multiply(dy, 1.0 / (k * k)).reshape(r * ow, c)
-        along = xp.repeat(share, k, axis=0).reshape(r, 1, ow * k * c)
+        along = self._along(xp.multiply(dy, 1.0 / (k * k)))
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
         if h == k * oh and w == k * ow:
             dx.reshape(r, k, ow * k * c)[...] = along
