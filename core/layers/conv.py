@@ -13,9 +13,11 @@ contiguous (``C`` channels per pixel). The weights become a banded matrix
 ``(KH * width * C, t * F)`` (zeros off the band), and the product is already
 the channels-last output ``(N, OH, OW, F)``. ``t = 1`` is im2col; a wider strip
 gathers less and copies longer runs, at the price of multiplying by the band's
-zeros. :func:`_strip_widths` picks ``t`` per layer from a small cost model (a
+zeros. :func:`_strip_costs` picks ``t`` per layer from a small cost model (a
 deterministic choice, so results never depend on timing). The bias is one more
-row of the band, against a column of ones in the strips.
+row of the band, against a column of ones in the strips. With NumPy the batch goes
+through a few images at a time (``_PIECE_BYTES`` of strips): each piece is multiplied
+while still in cache from its gathering.
 
 Backward: ``[dW; db]`` is ``strips.T @ dy``, read along the band. ``dx`` is
 ``dy @ band.T`` (with strips of their own width, cheaper to add back) added back
@@ -176,9 +178,10 @@ _ADD_S = 0.2e-9
 #: dx adds its strip gradients straight into place (not through zeroed planes) with a
 #: stride above 1 or runs (strip width x channels) at least this long.
 _DIRECT_RUN = 128
-#: Bytes of strip gradients that dx's direct adds work through at a time (NumPy): the
-#: product writes them and the adds read them while they are still in cache.
-_DX_PIECE_BYTES = 1 << 20
+#: Bytes of strips (forward) or strip gradients (dx's direct adds) worked through at a
+#: time, with NumPy: a piece of the batch is gathered and multiplied, or multiplied and
+#: added back, while it is still in cache.
+_PIECE_BYTES = 1 << 20
 
 
 def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int, int]:
@@ -367,23 +370,41 @@ class Conv2d(Layer):
         n = x.shape[0]
         c, h, w, oh, ow = self._geometry
         p, f, t = self.spec.padding, self.spec.filters, self.strip
-        tiles, _, _ = self._tiling(t)
+        tiles, _, rows = self._tiling(t)
         self._buffers.batch(n)
         strips, gathered = self._strips_buffer(n, x.dtype)
         if p:
             hp, wp = h + 2 * p, w + 2 * p
             padded = self._buffers.scratch(xp, "padded", (n, hp, wp, c), x.dtype, zero=True)
-            padded[:, p : p + h, p : p + w, :] = x  # the border stays zero
             # the padded buffer is ours, so its blocks can be kept
             key = ("padded_blocks", padded.shape, t, padded.dtype.str)
-            gathered[...] = self._buffers.memo(key, lambda: self._strips_of(padded))
+            blocks = self._buffers.memo(key, lambda: self._strips_of(padded))
         else:
-            gathered[...] = self._strips_of(x)
+            blocks = self._strips_of(x)
         band = self._band(t, x.dtype, bias=True)
         y = self._buffers.output(xp, "y", (n, oh, ow, f), x.dtype)
-        xp.matmul(strips, band, out=y.reshape(n * oh * tiles, t * f))  # channels-last
+        y_rows = y.reshape(n * oh * tiles, t * f)  # channels-last
+        per_image = oh * tiles
+        # A piece of the batch at a time: its strips are multiplied while still in cache
+        # from their gathering (all of them stay, for dW).
+        for lo, hi in self._pieces(n, per_image * (rows + 1) * x.itemsize):
+            if p:
+                padded[lo:hi, p : p + h, p : p + w, :] = x[lo:hi]  # the border stays zero
+            gathered[lo:hi] = blocks[lo:hi]
+            gemm_rows = slice(lo * per_image, hi * per_image)
+            xp.matmul(strips[gemm_rows], band, out=y_rows[gemm_rows])
         self._strips, self._band_t = strips, t
         return y
+
+    def _pieces(self, n: int, image_bytes: int) -> list[tuple[int, int]]:
+        """Images ``lo:hi`` of a batch of ``n``, in pieces of as many images as
+        ``_PIECE_BYTES`` hold at ``image_bytes`` an image (with NumPy; one piece otherwise).
+        They depend on the layer and the batch size alone, as the products' bits then do,
+        so those bits do not depend on where the layer runs."""
+        images = n
+        if self.xp is np:
+            images = max(1, min(n, _PIECE_BYTES // image_bytes))
+        return [(lo, min(n, lo + images)) for lo in range(0, n, images)]
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
@@ -479,19 +500,15 @@ class Conv2d(Layer):
         non-overlapping strips and kernel row (the places in the padded dx, the strip
         gradients' pieces), as (images, OH, strips, run) views of numbers.
 
-        With NumPy a piece is as many images as ``_DX_PIECE_BYTES`` of strip gradients
-        hold. The pieces depend on the layer and the batch size alone (as the one product
-        of the whole batch did), so dx's bits do not depend on where the layer runs."""
+        The pieces are :meth:`_pieces` of the strip gradients."""
         xp = self.xp
         c, h, w, oh, _ = self._geometry
         p, s = self.spec.padding, self.spec.stride
         tiles, _, rows = self._tiling(t)
         hp, wp = h + 2 * p, w + 2 * p
         per_image = oh * tiles
-        images = n
-        if xp is np:
-            image_bytes = per_image * rows * np.dtype(dtype).itemsize
-            images = max(1, min(n, _DX_PIECE_BYTES // image_bytes))
+        pieces = self._pieces(n, per_image * rows * np.dtype(dtype).itemsize)
+        images = pieces[0][1] - pieces[0][0] if pieces else 1
         key = ("strip_adds", n, t, images, np.dtype(dtype).str)
 
         def adds(dx: Any, dstrips: Any, m: int) -> list[Any]:
@@ -511,11 +528,10 @@ class Conv2d(Layer):
             dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dtype)
             dstrips = self._buffers.scratch(xp, f"dstrips{t}", (images * per_image, rows), dtype)
             out = []
-            for lo in range(0, n, images):
-                m = min(images, n - lo)
-                piece = dstrips[: m * per_image]
-                gemm_rows = slice(lo * per_image, (lo + m) * per_image)
-                out.append((gemm_rows, piece, adds(dx[lo : lo + m], piece, m)))
+            for lo, hi in pieces:
+                piece = dstrips[: (hi - lo) * per_image]
+                gemm_rows = slice(lo * per_image, hi * per_image)
+                out.append((gemm_rows, piece, adds(dx[lo:hi], piece, hi - lo)))
             return out
 
         return self._buffers.memo(key, make)

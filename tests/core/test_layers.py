@@ -397,8 +397,9 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cost model picks the strip widths by shape; every choice must compute the same,
-    and so must dx's direct adds, whole or in pieces of 2 and 1 images, and (stride 1) dx
-    as the convolution of dy with the flipped kernel, in strips of every width."""
+    and so must the forward pass and dx's direct adds, whole or a few images at a time
+    (two, or one), and (stride 1) dx as the convolution of dy with the flipped kernel, in
+    strips of every width."""
     from core.layers import conv
 
     spec = {"type": "conv2d", "filters": 3, "kernel_size": kernel}
@@ -421,11 +422,12 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
 
     widths = [d for d in range(1, ow + 1) if ow % d == 0]
     layer.dx_as_conv = False
-    for t, t_dx, whole in itertools.product(widths, widths, [True, False]):
+    for t, t_dx, pieces in itertools.product(widths, widths, ["whole", "two", "one"]):
         layer.strip, layer.strip_dx = t, t_dx
         tiles, _, rows = layer._tiling(t_dx)
-        two_images = 2 * expected_y.shape[2] * tiles * rows * x.itemsize
-        monkeypatch.setattr(conv, "_DX_PIECE_BYTES", 1 << 20 if whole else two_images)
+        two_images = 2 * expected_y.shape[2] * tiles * rows * x.itemsize  # of dx's
+        size = {"whole": 1 << 30, "two": two_images, "one": 1}[pieces]
+        monkeypatch.setattr(conv, "_PIECE_BYTES", size)
         run()
     assert len(results) > 8
     if stride == 1:
