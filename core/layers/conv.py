@@ -178,10 +178,23 @@ _ADD_S = 0.2e-9
 #: dx adds its strip gradients straight into place (not through zeroed planes) with a
 #: stride above 1 or runs (strip width x channels) at least this long.
 _DIRECT_RUN = 128
-#: Bytes of strips (forward) or strip gradients (dx's direct adds) worked through at a
-#: time, with NumPy: a piece of the batch is gathered and multiplied, or multiplied and
-#: added back, while it is still in cache.
+#: Bytes worked through at a time, with NumPy, of a convolution's strips (forward) or
+#: strip gradients (dx's direct adds), and of 2x2 max pooling's input: a piece of the
+#: batch is gathered and multiplied, multiplied and added back, or pooled in a dozen
+#: passes, while it is still in cache. (Pieces of 256 KiB made LeNet's step slower than
+#: 1 MiB on a 2-core Zen 4 EPYC: the pooling's calls per piece then cost more.)
 _PIECE_BYTES = 1 << 20
+
+
+def _pieces(xp: Any, n: int, image_bytes: int) -> list[tuple[int, int]]:
+    """Images ``lo:hi`` of a batch of ``n``, in pieces of as many images as ``_PIECE_BYTES``
+    hold at ``image_bytes`` an image (with NumPy; one piece with other modules). They
+    depend on the layer and the batch size alone, so results that depend on them (a
+    product's bits on its number of rows) do not depend on where the layer runs."""
+    images = n
+    if xp is np:
+        images = max(1, min(n, _PIECE_BYTES // image_bytes))
+    return [(lo, min(n, lo + images)) for lo in range(0, n, images)]
 
 
 def _strips(c: int, k: int, s: int, oh: int, ow: int, t: int) -> tuple[int, int, int]:
@@ -387,7 +400,7 @@ class Conv2d(Layer):
         per_image = oh * tiles
         # A piece of the batch at a time: its strips are multiplied while still in cache
         # from their gathering (all of them stay, for dW).
-        for lo, hi in self._pieces(n, per_image * (rows + 1) * x.itemsize):
+        for lo, hi in _pieces(xp, n, per_image * (rows + 1) * x.itemsize):
             if p:
                 padded[lo:hi, p : p + h, p : p + w, :] = x[lo:hi]  # the border stays zero
             gathered[lo:hi] = blocks[lo:hi]
@@ -395,16 +408,6 @@ class Conv2d(Layer):
             xp.matmul(strips[gemm_rows], band, out=y_rows[gemm_rows])
         self._strips, self._band_t = strips, t
         return y
-
-    def _pieces(self, n: int, image_bytes: int) -> list[tuple[int, int]]:
-        """Images ``lo:hi`` of a batch of ``n``, in pieces of as many images as
-        ``_PIECE_BYTES`` hold at ``image_bytes`` an image (with NumPy; one piece otherwise).
-        They depend on the layer and the batch size alone, as the products' bits then do,
-        so those bits do not depend on where the layer runs."""
-        images = n
-        if self.xp is np:
-            images = max(1, min(n, _PIECE_BYTES // image_bytes))
-        return [(lo, min(n, lo + images)) for lo in range(0, n, images)]
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
@@ -500,14 +503,14 @@ class Conv2d(Layer):
         non-overlapping strips and kernel row (the places in the padded dx, the strip
         gradients' pieces), as (images, OH, strips, run) views of numbers.
 
-        The pieces are :meth:`_pieces` of the strip gradients."""
+        The pieces are :func:`_pieces` of the strip gradients."""
         xp = self.xp
         c, h, w, oh, _ = self._geometry
         p, s = self.spec.padding, self.spec.stride
         tiles, _, rows = self._tiling(t)
         hp, wp = h + 2 * p, w + 2 * p
         per_image = oh * tiles
-        pieces = self._pieces(n, per_image * rows * np.dtype(dtype).itemsize)
+        pieces = _pieces(xp, n, per_image * rows * np.dtype(dtype).itemsize)
         images = pieces[0][1] - pieces[0][0] if pieces else 1
         key = ("strip_adds", n, t, images, np.dtype(dtype).str)
 
@@ -703,23 +706,38 @@ class MaxPool2d(_Pool2d):
         other positions are junk that no one reads; the ``valid`` pattern (the top
         left elements) clears it before masks are shifted into place. The mask of
         each window's first maximum (an exact copy of PyTorch's choice on ties) is
-        kept for backward.
+        kept for backward. A few images go at a time (:func:`_pieces`), so that the
+        passes run in cache.
         """
         xp = self.xp
         c, _, _, oh, ow, _, _ = self._geometry
         n = x.shape[0]
         self._buffers.batch(n)
-        rows = self._rows(x)
-        r, length = rows.shape[0], rows.shape[2]
-        flat = rows.reshape(-1)
+        flat = self._rows(x).reshape(-1)
+        mask = self._buffers.scratch(xp, "mask", (flat.size,), bool)
+        y = self._buffers.output(xp, "y", (n, oh, ow, c), x.dtype)
+        windows = y.reshape(n * oh, ow, c)
+        per_image = flat.size // n
+        for lo, hi in _pieces(xp, n, per_image * x.itemsize):
+            part = slice(lo * per_image, hi * per_image)
+            self._max_2x2(flat[part], mask[part], windows[lo * oh : hi * oh])
+        self._mask, self._x_shape = mask, x.shape
+        return y
+
+    def _max_2x2(self, flat: Any, mask: Any, y: Any) -> None:
+        """The maximum of each window of the flat rows ``flat`` into ``y`` (R, OW, C),
+        and the mask of the first maximums into ``mask``."""
+        xp = self.xp
+        r, _, c = y.shape
         size = flat.size
+        length = size // (2 * r)
         n1, n2 = size - c, size - c - length
         get = self._buffers.scratch
-        row_max = get(xp, "row_max", (n1,), x.dtype)
+        row_max = get(xp, "row_max", (n1,), flat.dtype)
         xp.maximum(flat[:-c], flat[c:], out=row_max)
         left = get(xp, "left", (n1,), bool)  # the left element wins its row (ties: left)
         xp.greater_equal(flat[:-c], flat[c:], out=left)
-        peak = get(xp, "peak", (n2,), x.dtype)
+        peak = get(xp, "peak", (n2,), flat.dtype)
         xp.maximum(row_max[:-length], row_max[length:], out=peak)
         top = get(xp, "top", (n2,), bool)  # the top row holds the first maximum (ties: top)
         xp.greater_equal(row_max[:-length], row_max[length:], out=top)
@@ -733,15 +751,11 @@ class MaxPool2d(_Pool2d):
         xp.logical_or(row[length:], top, out=row[length:])
         # The chosen element: the marked row's left element if it wins its row, else the
         # right one (C further).
-        mask = get(xp, "mask", (size,), bool)
         xp.logical_and(row, left, out=mask[:n1])
         mask[n1:] = False
         xp.logical_xor(row, mask[:n1], out=row)
         xp.logical_or(mask[c:], row, out=mask[c:])
-        y = self._buffers.output(xp, "y", (n, oh, ow, c), x.dtype)
-        _take_pixels(xp, peak, y.reshape(r, ow, c), 2 * length, 2 * c)
-        self._mask, self._x_shape = mask, x.shape
-        return y
+        _take_pixels(xp, peak, y, 2 * length, 2 * c)
 
     def _valid(self, r: int, length: int, c: int) -> Any:
         """True at the top left element of every window, over ``r * 2 * length - c - length``."""
@@ -754,18 +768,24 @@ class MaxPool2d(_Pool2d):
         c, h, w, oh, ow, _, _ = self._geometry
         n = dy.shape[0]
         self._buffers.batch(n)
-        r = n * oh
         length = 2 * ow * c
-        # dy of each window at both elements of its rows, then times the mask (broadcast
-        # over the two rows)
-        along = self._along(dy)
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
-        mask = self._mask.reshape(r, 2, length)
-        if h == 2 * oh and w == 2 * ow:
-            xp.multiply(along, mask, out=dx.reshape(r, 2, length))
-            return dx
-        dx[...] = 0
-        dx[:, : 2 * oh, : 2 * ow, :] = (along * mask).reshape(n, 2 * oh, 2 * ow, c)
+        mask = self._mask.reshape(n, oh, 2, length)
+        whole = h == 2 * oh and w == 2 * ow
+        if not whole:
+            dx[...] = 0
+        for lo, hi in _pieces(xp, n, oh * 2 * length * dy.itemsize):
+            # dy of each window at both elements of its rows, then times the mask
+            # (broadcast over the two rows)
+            along = self._along(dy[lo:hi])
+            r = (hi - lo) * oh
+            piece = mask[lo:hi].reshape(r, 2, length)
+            if whole:
+                xp.multiply(along, piece, out=dx[lo:hi].reshape(r, 2, length))
+            else:
+                dx[lo:hi, : 2 * oh, : 2 * ow, :] = (along * piece).reshape(
+                    hi - lo, 2 * oh, 2 * ow, c
+                )
         return dx
 
 

@@ -482,15 +482,51 @@ def test_maxpool_of_any_window_sends_each_gradient_to_its_first_maximum(
     for _ in range(2):
         x = rng.integers(0, 3, (2, h, w, c)).astype(np.float64)
         dy = rng.standard_normal((2, oh, ow, c))
-        expected_y = np.empty_like(dy)
-        expected_dx = np.zeros_like(x)
-        for n, u, v, ch in itertools.product(range(2), range(oh), range(ow), range(c)):
-            window = x[n, u * stride : u * stride + pool, v * stride : v * stride + pool, ch]
-            i, j = np.unravel_index(np.argmax(window), window.shape)  # the first, row-major
-            expected_y[n, u, v, ch] = window[i, j]
-            expected_dx[n, u * stride + i, v * stride + j, ch] += dy[n, u, v, ch]
+        expected_y, expected_dx = _maxpool_by_loop(x, dy, pool, stride)
         np.testing.assert_array_equal(layer.forward(x, True), expected_y)
         np.testing.assert_allclose(layer.backward(dy), expected_dx, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("pieces", ["whole", "two", "one"])
+@pytest.mark.parametrize("shape", [(3, 6, 8), (2, 7, 9)], ids=["tiled", "cropped"])
+def test_maxpool_2x2_in_pieces_of_the_batch_sends_each_gradient_to_its_first_maximum(
+    shape: tuple[int, int, int],
+    pieces: str,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 2x2 path on whole rows, on the batch at once or a few images at a time (two,
+    or one): against a loop over the windows, on numbers with many ties, twice."""
+    from core.layers import conv
+
+    c, h, w = shape
+    oh, ow = h // 2, w // 2
+    two_images = 2 * (2 * oh) * (2 * ow) * c * np.dtype(np.float64).itemsize
+    monkeypatch.setattr(
+        conv, "_PIECE_BYTES", {"whole": 1 << 30, "two": two_images, "one": 1}[pieces]
+    )
+    layer = make_layer({"type": "maxpool2d", "pool_size": 2}, shape)
+    assert layer._fast()
+    for _ in range(2):
+        x = rng.integers(0, 3, (5, h, w, c)).astype(np.float64)
+        dy = rng.standard_normal((5, oh, ow, c))
+        expected_y, expected_dx = _maxpool_by_loop(x, dy, 2, 2)
+        np.testing.assert_array_equal(layer.forward(x, True), expected_y)
+        np.testing.assert_array_equal(layer.backward(dy), expected_dx)
+
+
+def _maxpool_by_loop(x: np.ndarray, dy: np.ndarray, pool: int, stride: int):
+    """Max pooling's y and dx, window by window: each gradient to the window's first
+    maximum in row-major order."""
+    n, oh, ow, c = dy.shape
+    y = np.empty_like(dy)
+    dx = np.zeros_like(x)
+    for b, u, v, ch in itertools.product(range(n), range(oh), range(ow), range(c)):
+        window = x[b, u * stride : u * stride + pool, v * stride : v * stride + pool, ch]
+        i, j = np.unravel_index(np.argmax(window), window.shape)  # the first, row-major
+        y[b, u, v, ch] = window[i, j]
+        dx[b, u * stride + i, v * stride + j, ch] += dy[b, u, v, ch]
+    return y, dx
 
 
 def test_overlapping_maxpool_adds_gradients_of_shared_maxima() -> None:
