@@ -23,8 +23,8 @@ Backward: ``[dW; db]`` is ``strips.T @ dy``, read along the band. ``dx`` is
 ``dy @ band.T`` (with strips of their own width, cheaper to add back) added back
 where each strip was read: per group of strips that do not overlap and per
 kernel row, one block copy into a zeroed plane and one add of whole image rows;
-or, with a stride or long runs, added straight into place, a few images at a
-time while their strip gradients are in cache. With stride 1, ``dx`` is also the
+or, with a stride or long runs, added straight into place. Either way a few images
+go at a time, while their strip gradients are in cache. With stride 1, ``dx`` is also the
 convolution of ``dy`` (padded by ``KH - 1 - padding``) with the kernel flipped and its
 channels and filters swapped: a forward pass of strips, with no adds; the cost model
 picks whichever costs less.
@@ -456,21 +456,26 @@ class Conv2d(Layer):
                     target += source
         else:
             dstrips = self._buffers.scratch(xp, f"dstrips{t}", (n * oh * tiles, rows), dy.dtype)
-            xp.matmul(dy2, band.T, out=dstrips)
             if p:
                 dx = self._buffers.scratch(xp, "dx_padded", (n, hp, wp, c), dy.dtype)
             else:
                 dx = self._buffers.output(xp, "dx", (n, hp, wp, c), dy.dtype)
-            first = True
-            for plane, pieces in self._planes(n, t, dy.dtype):
-                for i, (target, source) in enumerate(pieces):
-                    target[...] = source
-                    if first:  # the first piece starts the sum
-                        dx[:, :oh] = plane
-                        dx[:, oh:] = 0
-                        first = False
-                    else:
-                        dx[:, i : i + oh] += plane
+            planes = self._planes(n, t, dy.dtype)
+            per_image = oh * tiles
+            # a few images at a time, while their strip gradients are in cache
+            for lo, hi in _pieces(xp, n, per_image * rows * dy.itemsize):
+                gemm_rows = slice(lo * per_image, hi * per_image)
+                xp.matmul(dy2[gemm_rows], band.T, out=dstrips[gemm_rows])
+                first = True
+                for plane, copies in planes:
+                    for i, (target, source) in enumerate(copies):
+                        target[lo:hi] = source[lo:hi]
+                        if first:  # the first copy starts the sum
+                            dx[lo:hi, :oh] = plane[lo:hi]
+                            dx[lo:hi, oh:] = 0
+                            first = False
+                        else:
+                            dx[lo:hi, i : i + oh] += plane[lo:hi]
             if not p:
                 return dx
         out = self._buffers.output(xp, "dx", (n, h, w, c), dy.dtype)
