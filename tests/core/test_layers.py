@@ -440,6 +440,56 @@ def test_conv2d_every_strip_width_gives_the_same_values_and_gradients(
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_first_conv2d_gathers_into_two_buffers_in_turn_with_the_same_numbers(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first convolution's strips alternate between two buffers from one training
+    step to the next (the second convolution keeps one); training computes the same bits
+    as with one buffer, and an evaluation pass between steps changes nothing."""
+    from core import Trainer
+    from core.layers import conv
+    from core.spec import TrainingSpec
+
+    spec = {
+        "layers": [
+            {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+            {"type": "relu"},
+            {"type": "conv2d", "filters": 3, "kernel_size": 3},
+            {"type": "flatten"},
+            {"type": "dense", "units": 3},
+        ],
+        "loss": "softmax_cross_entropy",
+    }
+    x = rng.standard_normal((6, 2, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, size=6)
+
+    def train(turns_max_bytes: int) -> tuple[list[np.ndarray], list[list[int]]]:
+        monkeypatch.setattr(conv, "_TURNS_MAX_BYTES", turns_max_bytes)
+        trainer = Trainer(
+            model_spec=spec,
+            optimizer_spec={"type": "adam", "lr": 0.01},
+            training=TrainingSpec(batch_size=6, seed=1),
+            input_shape=(2, 8, 8),
+            num_classes=3,
+        )
+        first, second = trainer.model.layers[0], trainer.model.layers[2]
+        buffers: list[list[int]] = [[], []]
+        for _ in range(4):
+            trainer.train_step(x, y, steps_per_epoch=4, total_steps=4)
+            trainer.predict(x)
+            buffers[0].append(id(first._strips))
+            buffers[1].append(id(second._strips))
+        return [p.copy() for _, p, _ in trainer.model.parameters()], buffers
+
+    params, (first, second) = train(conv._TURNS_MAX_BYTES)
+    assert first[0] == first[2] != first[1] == first[3]
+    assert len(set(second)) == 1
+    one_buffer, (first, _) = train(0)
+    assert len(set(first)) == 1
+    for got, want in zip(params, one_buffer, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_flatten_keeps_channels_first_order(rng: np.random.Generator) -> None:
     model = build_model({"layers": [{"type": "flatten"}], "loss": "mse"}, (3, 4, 5))
     x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
