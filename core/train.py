@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from core.backend import to_numpy
 from core.checkpoint import decode_json, encode_json, from_npz_bytes, split_prefix, to_npz_bytes
@@ -63,6 +67,19 @@ class Trainer:
 
     ``compute_gradients`` and ``apply_gradients`` are the two halves of a step,
     so data-parallel workers can all-reduce in between; ``train_step`` does both.
+
+    With ``threads`` above 1, ``train_step`` splits a batch into that many parts
+    (:meth:`parts_for`), each part's forward and backward on a thread of its own with
+    a copy of the model that shares its parameters, every product on one BLAS thread:
+    the elementwise work, which NumPy runs on one core, then runs on all, and each
+    core keeps its part's activations in its own cache. The parts' gradients are
+    added in order (as ``compute_gradients`` of each part in turn would add them), so
+    a step computes the same numbers every time for a given number of threads, though
+    not those of one thread. It pays where the work is long elementwise passes (the
+    char transformer of ``bench/transformer.py``: 1.3x faster on 2 cores); a model of
+    many short calls (LeNet) gains nothing, as the threads take turns at the
+    interpreter, and large dense layers lose (a second set of weight gradients to add).
+    BLAS runs on one thread for the whole step; the process's setting is restored after.
     """
 
     def __init__(
@@ -76,8 +93,12 @@ class Trainer:
         dtype: str = "float32",
         device: str = "cpu",
         dataset_meta: dict[str, Any] | None = None,
+        threads: int = 1,
     ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.training = training
+        self.threads = threads
         #: What prediction needs to know of the training data (a text model's vocabulary),
         #: saved with the model as JSON.
         self.dataset_meta: dict[str, Any] = dict(dataset_meta or {})
@@ -95,6 +116,14 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self._layer_params = _params_by_layer(self.model)
         self._diagnostics = _Diagnostics()
+        self._copy_args = (model_spec, input_shape, training.seed, dtype, device, num_classes)
+        #: Copies of the model for the other parts of a batch split over threads, and
+        #: the threads that run them (made on first use).
+        self._copies: list[Model] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        model = self.model
+        self._splittable = model.xp is np and not any(layer.buffers for layer in model.layers)
 
     @classmethod
     def for_job(cls, job: JobSpec, dataset: Dataset, **kwargs: Any) -> Trainer:
@@ -130,7 +159,11 @@ class Trainer:
     ) -> BatchStats:
         """Forward and backward on one batch, adding ``scale`` * its mean-loss gradient."""
         _need_samples(x)
-        model = self.model
+        return self._gradients(self.model, x, y, scale, rng_key)
+
+    def _gradients(
+        self, model: Model, x: Any, y: Any, scale: float, rng_key: tuple[int, ...]
+    ) -> BatchStats:
         model.set_rng(np.random.default_rng([self.training.seed, 1, self.step, *rng_key]))
         y = model.xp.asarray(y)
         outputs = model.forward(x, training=True)
@@ -246,11 +279,76 @@ class Trainer:
     ) -> BatchStats:
         _need_samples(x)
         self.model.zero_grad()
-        stats = self.compute_gradients(x, y)
-        self.apply_gradients(
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
-        )
+        parts = self.parts_for(len(x))
+        if parts == 1:
+            stats = self.compute_gradients(x, y)
+            self.apply_gradients(
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
+            )
+            return stats
+        with _one_blas_thread():
+            stats = self._gradients_in_parts(x, y, parts)
+            self.apply_gradients(
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
+            )
         return stats
+
+    def parts_for(self, batch_size: int) -> int:
+        """Into how many parts, one per thread, :meth:`train_step` splits a batch of
+        ``batch_size``: ``threads``, at most one per sample, where the model allows it
+        (NumPy, and no running statistics, which are taken over the whole batch);
+        otherwise 1."""
+        if self.threads == 1 or not self._splittable:
+            return 1
+        return max(1, min(self.threads, batch_size))
+
+    def _gradients_in_parts(self, x: Any, y: Any, parts: int) -> BatchStats:
+        """:meth:`compute_gradients` of each part of the batch, each on its own thread
+        and copy of the model, their gradients added into the model's in part order."""
+        models = [self.model, *self._model_copies(parts - 1)]
+        for copy in models[1:]:
+            for mine, theirs in zip(self.model.layers, copy.layers, strict=True):
+                theirs.params.update(mine.params)  # the same arrays, whatever binds them
+            copy.zero_grad()
+        n = len(x)
+        bounds = [n * i // parts for i in range(parts + 1)]
+        y = np.asarray(y)
+
+        def part(i: int) -> BatchStats:
+            lo, hi = bounds[i], bounds[i + 1]
+            return self._gradients(models[i], x[lo:hi], y[lo:hi], (hi - lo) / n, (i,))
+
+        assert self._pool is not None
+        others = [self._pool.submit(part, i) for i in range(1, parts)]
+        try:
+            stats = part(0)
+        finally:  # no thread left working on the model when this returns or raises
+            wait(others)
+        for future in others:
+            stats.add(future.result())
+        grads = [g for _, _, g in self.model.parameters()]
+        for copy in models[1:]:
+            for grad, theirs in zip(grads, (g for _, _, g in copy.parameters()), strict=True):
+                grad += theirs
+        return stats
+
+    def _model_copies(self, count: int) -> list[Model]:
+        spec, input_shape, seed, dtype, device, num_classes = self._copy_args
+        while len(self._copies) < count:
+            self._copies.append(
+                build_model(
+                    spec,
+                    input_shape,
+                    seed=seed,
+                    dtype=dtype,
+                    device=device,
+                    num_classes=num_classes,
+                )
+            )
+        if self._pool_size < count:
+            self._pool = ThreadPoolExecutor(count, thread_name_prefix="trainq-part")
+            self._pool_size = count
+        return self._copies[:count]
 
     # --- epochs -----------------------------------------------------------------
 
@@ -371,6 +469,18 @@ class Trainer:
         self.load_state_dict(from_npz_bytes(data))
 
 
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Every BLAS product on one thread (the calling one) while inside."""
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
 def _need_samples(x: Any) -> None:
     if len(x) == 0:
         raise ValueError("a training batch needs at least one sample, got none")
@@ -419,18 +529,20 @@ def fit(
     on_epoch: Callable[[int, Metrics], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[int, bytes], None] | None = None,
+    threads: int = 1,
 ) -> FitResult:
     """Train a job's model in this process.
 
     ``until_epoch`` stops early (to checkpoint and resume later); ``resume`` is
     a checkpoint from :meth:`Trainer.save`. Per-epoch metrics go to ``on_epoch``
     (named as in DESIGN.md), each step's loss to ``on_step``, checkpoints as
-    ``.npz`` bytes to ``on_checkpoint``.
+    ``.npz`` bytes to ``on_checkpoint``. ``threads`` splits each batch over that
+    many threads (see :class:`Trainer`).
     """
     job = parse_job_spec(job)
     dataset = dataset if dataset is not None else load_dataset(job.dataset.name)
     spec = job.training
-    trainer = Trainer.for_job(job, dataset)
+    trainer = Trainer.for_job(job, dataset, threads=threads)
     if resume is not None:
         trainer.load(resume)
     train_idx, val_idx = split_indices(len(dataset.X), spec.validation_split, spec.seed)

@@ -52,6 +52,13 @@ class ProgressBar:
         self.epoch = epoch + 1
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _train(args: argparse.Namespace) -> int:
     job = parse_job_spec(json.loads(Path(args.file).read_text()))
     if args.epochs is not None:
@@ -64,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
     bar = ProgressBar(
         epochs=job.training.epochs, steps_per_epoch=math.ceil(n_train / job.training.batch_size)
     )
-    result = fit(job, dataset, on_step=bar.step, on_epoch=bar.epoch_done)
+    result = fit(job, dataset, on_step=bar.step, on_epoch=bar.epoch_done, threads=args.threads)
     for name, value in result.test.items():
         print(f"{name} {value:.4f}")
     if args.save:
@@ -343,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("file", help="job spec (JSON)")
     train.add_argument("--epochs", type=int, help="override training.epochs")
     train.add_argument("--save", help="write the final state (.npz) here")
+    train.add_argument(
+        "--threads",
+        type=_at_least_one,
+        default=1,
+        help="split each batch over this many threads (a model without batchnorm)",
+    )
     train.set_defaults(run=_train)
     summary = commands.add_parser("summary", help="layers, shapes, parameters and FLOPs of a job")
     summary.add_argument("file", help="job spec (JSON)")

@@ -80,6 +80,18 @@ def test_train_epochs_option_overrides_the_spec(tmp_path: Path, short_job: dict[
     assert "test_accuracy" in result.stdout
 
 
+def test_train_threads_option_splits_batches_and_rejects_zero(
+    tmp_path: Path, short_job: dict[str, Any]
+) -> None:
+    path = _write_job(tmp_path, short_job)
+    result = trainq("train", path, "--epochs", "1", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    assert "test_accuracy" in result.stdout
+    result = trainq("train", path, "--threads", "0")
+    assert result.returncode == 2
+    assert "--threads: must be at least 1, got 0" in result.stderr
+
+
 def test_summary_prints_layers_params_and_flops(tmp_path: Path) -> None:
     job = example_job("digits_cnn")
     result = trainq("summary", _write_job(tmp_path, job))
