@@ -72,13 +72,13 @@ class Trainer:
     (:meth:`parts_for`), each part's forward and backward on a thread of its own with
     a copy of the model that shares its parameters, every product on one BLAS thread:
     the elementwise work, which NumPy runs on one core, then runs on all, and each
-    core keeps its part's activations in its own cache. The parts' gradients are
-    added in order (as ``compute_gradients`` of each part in turn would add them), so
-    a step computes the same numbers every time for a given number of threads, though
-    not those of one thread. It pays where the work is long elementwise passes (the
-    char transformer of ``bench/transformer.py``: 1.3x faster on 2 cores); a model of
-    many short calls (LeNet) gains nothing, as the threads take turns at the
-    interpreter, and large dense layers lose (a second set of weight gradients to add).
+    core keeps its part's activations in its own cache. Each part's gradients are
+    computed alone and then added in part order, so a step computes the same numbers
+    every time for a given number of threads, though not those of one thread. It pays
+    where the work is long elementwise passes (the char transformer of
+    ``bench/transformer.py``: 1.3x faster on 2 cores); a model of many short calls
+    (LeNet) gains nothing, as the threads take turns at the interpreter, and large
+    dense layers lose (a second set of weight gradients to add).
     BLAS runs on one thread for the whole step; the process's setting is restored after.
     """
 
@@ -102,7 +102,9 @@ class Trainer:
         #: What prediction needs to know of the training data (a text model's vocabulary),
         #: saved with the model as JSON.
         self.dataset_meta: dict[str, Any] = dict(dataset_meta or {})
-        self.model: Model = build_model(
+        #: Builds the model, and the copies that run the other parts of a split batch.
+        self._build_model = functools.partial(
+            build_model,
             model_spec,
             input_shape,
             seed=training.seed,
@@ -110,18 +112,17 @@ class Trainer:
             device=device,
             num_classes=num_classes,
         )
+        self.model: Model = self._build_model()
         self.optimizer: Optimizer = build_optimizer(optimizer_spec, self.model)
         self.loss_name = self.model.spec.loss
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self._layer_params = _params_by_layer(self.model)
         self._diagnostics = _Diagnostics()
-        self._copy_args = (model_spec, input_shape, training.seed, dtype, device, num_classes)
         #: Copies of the model for the other parts of a batch split over threads, and
         #: the threads that run them (made on first use).
         self._copies: list[Model] = []
         self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
         model = self.model
         self._splittable = model.xp is np and not any(layer.buffers for layer in model.layers)
 
@@ -333,21 +334,10 @@ class Trainer:
         return stats
 
     def _model_copies(self, count: int) -> list[Model]:
-        spec, input_shape, seed, dtype, device, num_classes = self._copy_args
         while len(self._copies) < count:
-            self._copies.append(
-                build_model(
-                    spec,
-                    input_shape,
-                    seed=seed,
-                    dtype=dtype,
-                    device=device,
-                    num_classes=num_classes,
-                )
-            )
-        if self._pool_size < count:
-            self._pool = ThreadPoolExecutor(count, thread_name_prefix="trainq-part")
-            self._pool_size = count
+            self._copies.append(self._build_model())
+        if self._pool is None:  # a part never has more than threads - 1 others beside it
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="trainq-part")
         return self._copies[:count]
 
     # --- epochs -----------------------------------------------------------------

@@ -397,11 +397,12 @@ class Conv2d(Layer):
         tiles, _, rows = self._tiling(t)
         self._buffers.batch(n)
         per_image = oh * tiles
+        image_bytes = per_image * (rows + 1) * x.itemsize  # of strips
         if (
             training
             and not self.needs_input_grad
             and xp is np
-            and n * per_image * (rows + 1) * x.itemsize <= _TURNS_MAX_BYTES
+            and n * image_bytes <= _TURNS_MAX_BYTES
         ):
             self._turn ^= 1
         strips, gathered = self._strips_buffer(n, x.dtype, self._turn)
@@ -418,7 +419,7 @@ class Conv2d(Layer):
         y_rows = y.reshape(n * oh * tiles, t * f)  # channels-last
         # A piece of the batch at a time: its strips are multiplied while still in cache
         # from their gathering (all of them stay, for dW).
-        for lo, hi in _pieces(xp, n, per_image * (rows + 1) * x.itemsize):
+        for lo, hi in _pieces(xp, n, image_bytes):
             if p:
                 padded[lo:hi, p : p + h, p : p + w, :] = x[lo:hi]  # the border stays zero
             gathered[lo:hi] = blocks[lo:hi]
