@@ -282,7 +282,7 @@ class Trainer:
         self.model.zero_grad()
         parts = self.parts_for(len(x))
         if parts == 1:
-            stats = self.compute_gradients(x, y)
+            stats = self._gradients(self.model, x, y, 1.0, ())
             self.apply_gradients(
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
             )

@@ -651,12 +651,18 @@ class _Pool2d(Layer):
 
     # Windows that tile the input (stride = pool size) work on whole image rows.
 
+    @property
+    def _covers_input(self) -> bool:
+        """Whether tiling windows cover every input row and column (none left over)."""
+        _, h, w, oh, ow, k, _ = self._geometry
+        return h == k * oh and w == k * ow
+
     def _rows(self, x: Any) -> Any:
         """x as (N * OH, k, OW * k * C): the ``k`` input rows under each row of windows
         (rows and columns that no window covers left out)."""
-        c, h, w, oh, ow, k, _ = self._geometry
+        c, _, _, oh, ow, k, _ = self._geometry
         n = x.shape[0]
-        if h != k * oh or w != k * ow:
+        if not self._covers_input:
             x = x[:, : k * oh, : k * ow, :]
         return self.xp.ascontiguousarray(x).reshape(n * oh, k, ow * k * c)
 
@@ -789,13 +795,13 @@ class MaxPool2d(_Pool2d):
 
     def _backward_2x2(self, dy: Any) -> Any:
         xp = self.xp
-        c, h, w, oh, ow, _, _ = self._geometry
+        c, _, _, oh, ow, _, _ = self._geometry
         n = dy.shape[0]
         self._buffers.batch(n)
         length = 2 * ow * c
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
         mask = self._mask.reshape(n, oh, 2, length)
-        whole = h == 2 * oh and w == 2 * ow
+        whole = self._covers_input
         if not whole:
             dx[...] = 0
         for lo, hi in _pieces(xp, n, oh * 2 * length * dy.itemsize):
@@ -880,13 +886,13 @@ class AvgPool2d(_Pool2d):
 
     def _backward_tiled(self, dy: Any) -> Any:
         xp = self.xp
-        c, h, w, oh, ow, k, _ = self._geometry
+        c, _, _, oh, ow, k, _ = self._geometry
         n = dy.shape[0]
         self._buffers.batch(n)
         r = n * oh
         along = self._along(xp.multiply(dy, 1.0 / (k * k)))
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
-        if h == k * oh and w == k * ow:
+        if self._covers_input:
             dx.reshape(r, k, ow * k * c)[...] = along
             return dx
         dx[...] = 0
