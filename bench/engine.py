@@ -26,6 +26,11 @@ GFLOP/s counts 3 x the forward FLOPs per sample (the forward pass, and the
 backward pass's two products) from ``core.summarize(...).flops``, against a
 float32 matmul peak measured here with NumPy on the same threads (the best of
 several measurements spread over the run).
+
+For the MLP, whose step is mostly matrix products, the report also times those
+products alone in each framework (same shapes, same threads): how fast NumPy's
+BLAS and PyTorch's multiply these shapes bounds the ratio before any of trainq's
+own work counts.
 """
 
 from __future__ import annotations
@@ -224,6 +229,7 @@ def torch_step(case: Case, x: np.ndarray, y: np.ndarray, where: str = "cpu") -> 
 
     torch.manual_seed(0)
     model = torch_model(case).to(where)
+    opt: torch.optim.Optimizer
     if case.optimizer["type"] == "sgd":
         opt = torch.optim.SGD(
             model.parameters(), lr=case.optimizer["lr"], momentum=case.optimizer["momentum"]
@@ -316,6 +322,54 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def products_alone(
+    trainer: core.Trainer, rounds: int = 7, steps: int = 10
+) -> tuple[float, float] | None:
+    """Best time (ms) of one step's matrix products alone, with NumPy and with PyTorch
+    (same shapes, same threads, blocks taking turns), for a model whose weights are all
+    dense layers' (None otherwise): each layer's ``x @ W`` and ``x.T @ dy``, and
+    ``dy @ W.T`` but the first layer's. The step can be no faster than its products."""
+    import torch
+
+    layers = [layer for layer in trainer.model.layers if layer.params]
+    if not layers or any(layer.type != "dense" for layer in layers):
+        return None
+    rng = np.random.default_rng(0)
+    shapes = []  # (m, k, n) of each product
+    for i, layer in enumerate(layers):
+        fan_in, units = layer.params["W"].shape
+        shapes += [(BATCH, fan_in, units), (fan_in, BATCH, units)]
+        if i:
+            shapes.append((BATCH, units, fan_in))
+    operands = [
+        (
+            rng.standard_normal((m, k), dtype=np.float32),
+            rng.standard_normal((k, n), dtype=np.float32),
+            np.empty((m, n), dtype=np.float32),
+        )
+        for m, k, n in shapes
+    ]
+    tensors = [tuple(torch.from_numpy(a) for a in ops) for ops in operands]
+
+    def ours() -> None:
+        for a, b, out in operands:
+            np.matmul(a, b, out=out)
+
+    def theirs() -> None:
+        for a, b, out in tensors:
+            torch.mm(a, b, out=out)
+
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, fn in enumerate((ours, theirs)):
+            fn()
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / steps * 1e3)
+    return best[0], best[1]
+
+
 def bookkeeping(trainer: core.Trainer, step: Callable[[], None], steps: int) -> tuple[float, float]:
     """Best time (ms) of the Trainer's per-layer gradient norms (done in every
     ``apply_gradients``), and of a whole step, each over ``steps`` repetitions."""
@@ -348,6 +402,7 @@ class Result:
     peak_share: float
     norms_ms: float
     step_ms: float
+    products_ms: tuple[float, float] | None  # NumPy, PyTorch: see products_alone
     rounds: int
     clean_rounds: int  # rounds whose two blocks ran undisturbed
 
@@ -387,6 +442,8 @@ def run_case(
     gflops = 3 * flops * best_ours / 1e9
     settle(wait_s)
     norms_ms, step_ms = bookkeeping(trainer, ours, case.steps)
+    settle(wait_s)
+    products_ms = products_alone(trainer)
     return Result(
         case=case,
         trainq=best_ours,
@@ -397,6 +454,7 @@ def run_case(
         peak_share=gflops / max(peaks),
         norms_ms=norms_ms,
         step_ms=step_ms,
+        products_ms=products_ms,
         rounds=len(runs),
         clean_rounds=len(clean),
     )
@@ -511,6 +569,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.case.name}: the Trainer's per-layer gradient norms take "
                 f"{r.norms_ms:.2f} ms of a {r.step_ms:.2f} ms step ({r.norms_ms / r.step_ms:.1%})"
             )
+        for r in results:
+            if r.products_ms is not None:
+                ours_ms, theirs_ms = r.products_ms
+                print(
+                    f"{r.case.name}: its matrix products alone take {ours_ms:.2f} ms with "
+                    f"NumPy and {theirs_ms:.2f} ms with PyTorch; PyTorch's whole step takes "
+                    f"{1e3 * BATCH / r.torch:.2f} ms, so trainq / PyTorch can reach at most "
+                    f"{BATCH / r.torch * 1e3 / ours_ms:.2f}x here"
+                )
         missed = [
             r
             for r in results

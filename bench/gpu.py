@@ -79,7 +79,8 @@ def run(case: Case, batch: int, device: str, rounds: int, steps: int, warmup: in
     xp = trainer.model.xp  # the batch on the device once, as PyTorch's
     ours = trainq_step(trainer, xp.asarray(x), xp.asarray(y))
     theirs = torch_step(case, x, y, where="cuda" if device == "gpu" else "cpu")
-    a_runs, b_runs = [], []
+    a_runs: list[float] = []
+    b_runs: list[float] = []
     for r in range(rounds):
         pair = [(ours, a_runs), (theirs, b_runs)]
         for step, runs in pair if r % 2 == 0 else pair[::-1]:

@@ -214,7 +214,8 @@ def bench_claims(context: ServiceContext, *, total: int, dispatchers: int) -> di
         session.execute(text("DELETE FROM attempts"))
         session.execute(text("DELETE FROM jobs"))
         team = session.query(Team).first()
-        session.bulk_insert_mappings(  # type: ignore[arg-type]
+        assert team is not None
+        session.bulk_insert_mappings(
             Job,
             [
                 {
@@ -258,6 +259,7 @@ def bench_metrics(context: ServiceContext, *, points: int, batch: int) -> dict[s
         session.execute(text("DELETE FROM attempts"))
         session.execute(text("DELETE FROM jobs"))
         team = session.query(Team).first()
+        assert team is not None
         job = Job(
             team_id=team.id, name="metrics", spec=SPEC, dataset_name="digits", dataset_version=1
         )
@@ -274,15 +276,16 @@ def bench_metrics(context: ServiceContext, *, points: int, batch: int) -> dict[s
         )
     ingest = points / (time.perf_counter() - started)
     with factory() as session:
-        job = session.get(Job, job_id)
+        stored = session.get(Job, job_id)
+        assert stored is not None
         full_times, sampled_times = [], []
         for _ in range(3):
             t0 = time.perf_counter()
-            series = read_series(session=session, job=job, names=["loss"])
+            series = read_series(session=session, job=stored, names=["loss"])
             full_times.append(time.perf_counter() - t0)
             assert len(series["loss"]) == points
             t0 = time.perf_counter()
-            series = read_series(session=session, job=job, names=["loss"], max_points=1000)
+            series = read_series(session=session, job=stored, names=["loss"], max_points=1000)
             sampled_times.append(time.perf_counter() - t0)
             assert len(series["loss"]) <= 1000
     return {

@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ DIM = 64
 HEADS = 4
 BLOCKS = 2
 MLP_RATIO = 4
-OPTIMIZER = {"type": "adamw", "lr": 1e-3}
+OPTIMIZER: dict[str, Any] = {"type": "adamw", "lr": 1e-3}
 TARGET_RATIO = 0.8
 
 
