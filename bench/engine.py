@@ -322,13 +322,11 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def products_alone(
-    trainer: core.Trainer, rounds: int = 7, steps: int = 10
-) -> tuple[float, float] | None:
-    """Best time (ms) of one step's matrix products alone, with NumPy and with PyTorch
-    (same shapes, same threads, blocks taking turns), for a model whose weights are all
-    dense layers' (None otherwise): each layer's ``x @ W`` and ``x.T @ dy``, and
-    ``dy @ W.T`` but the first layer's. The step can be no faster than its products."""
+def products_alone(trainer: core.Trainer) -> tuple[Callable[[], None], Callable[[], None]] | None:
+    """One step's matrix products alone, with NumPy and with PyTorch (same shapes; each
+    timed like a step, in the same rounds), for a model whose weights are all dense
+    layers' (None otherwise): each layer's ``x @ W`` and ``x.T @ dy``, and ``dy @ W.T``
+    but the first layer's. A step can be no faster than its products."""
     import torch
 
     layers = [layer for layer in trainer.model.layers if layer.params]
@@ -359,15 +357,7 @@ def products_alone(
         for a, b, out in tensors:
             torch.mm(a, b, out=out)
 
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, fn in enumerate((ours, theirs)):
-            fn()
-            start = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            best[i] = min(best[i], (time.perf_counter() - start) / steps * 1e3)
-    return best[0], best[1]
+    return ours, theirs
 
 
 def bookkeeping(trainer: core.Trainer, step: Callable[[], None], steps: int) -> tuple[float, float]:
@@ -402,13 +392,18 @@ class Result:
     peak_share: float
     norms_ms: float
     step_ms: float
-    products_ms: tuple[float, float] | None  # NumPy, PyTorch: see products_alone
+    products_ms: tuple[float, float] | None  # best of NumPy, PyTorch: see products_alone
     rounds: int
     clean_rounds: int  # rounds whose two blocks ran undisturbed
 
     @property
     def median_ratio(self) -> float:
         return statistics.median(self.ratios)
+
+
+def _best(blocks: list[tuple[float, bool]]) -> float:
+    """The best samples/s of the undisturbed blocks (of every block, if none was)."""
+    return max([rate for rate, quiet in blocks if quiet] or [rate for rate, _ in blocks])
 
 
 def run_case(
@@ -419,6 +414,8 @@ def run_case(
     y = rng.integers(0, CLASSES, BATCH).astype(np.int64)
     trainer = trainq_trainer(case)
     ours, theirs = trainq_step(trainer, x, y), torch_step(case, x, y)
+    products = products_alone(trainer)
+    products_runs: list[list[tuple[float, bool]]] = [[], []]  # NumPy's, PyTorch's
     runs: list[tuple[float, bool, float, bool]] = []
     while sum(qa and qb for _, qa, _, qb in runs) < rounds and len(runs) < max_rounds:
         if len(runs) % 2 == 0:
@@ -428,22 +425,25 @@ def run_case(
             b, qb = timed(theirs, case.steps, warmup, wait_s)
             a, qa = timed(ours, case.steps, warmup, wait_s)
         runs.append((a, qa, b, qb))
+        if products is not None:
+            for fn, blocks in zip(products, products_runs, strict=True):
+                blocks.append(timed(fn, case.steps, warmup, wait_s))
         if len(runs) % 3 == 1:  # the peak too is measured in several rounds
             settle(wait_s)
             peaks.append(matmul_peak())
     clean = [(a, b) for a, qa, b, qb in runs if qa and qb]
     BLOCKS[0] += 2 * len(runs)
     BLOCKS[1] += sum((not qa) + (not qb) for _, qa, _, qb in runs)
-    # Undisturbed blocks decide; if there were none, every block counts.
-    ours_runs = [a for a, qa, _, _ in runs if qa] or [a for a, _, _, _ in runs]
-    theirs_runs = [b for _, _, b, qb in runs if qb] or [b for _, _, b, _ in runs]
-    best_ours, best_theirs = max(ours_runs), max(theirs_runs)
+
+    best_ours = _best([(a, qa) for a, qa, _, _ in runs])
+    best_theirs = _best([(b, qb) for _, _, b, qb in runs])
     flops = core.summarize(case.spec, case.input_shape, CLASSES).flops
     gflops = 3 * flops * best_ours / 1e9
     settle(wait_s)
     norms_ms, step_ms = bookkeeping(trainer, ours, case.steps)
-    settle(wait_s)
-    products_ms = products_alone(trainer)
+    products_ms = None
+    if products is not None:
+        products_ms = (1e3 * BATCH / _best(products_runs[0]), 1e3 * BATCH / _best(products_runs[1]))
     return Result(
         case=case,
         trainq=best_ours,
