@@ -18,9 +18,25 @@ TOKEN_FILE = "token"
 
 class ApiError(RuntimeError):
     def __init__(self, status_code: int, detail: Any) -> None:
-        super().__init__(f"HTTP {status_code}: {detail}")
+        super().__init__(f"HTTP {status_code}: {_describe(detail)}")
         self.status_code = status_code
         self.detail = detail
+
+
+def _describe(detail: Any) -> str:
+    """A response's ``detail`` for a person: a validation error's messages (each names
+    its field), one per line after the first; anything else as it came."""
+    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+        messages = []
+        for item in detail:
+            msg = str(item.get("msg", item))
+            field = ""
+            for part in item.get("loc", [])[1:]:  # after "body", "query" or "path"
+                field += f"[{part}]" if isinstance(part, int) else f".{part}"
+            field = field.lstrip(".")
+            messages.append(msg if msg.startswith(field) else f"{field}: {msg}")
+        return "\n  ".join(messages)
+    return str(detail)
 
 
 def default_token() -> str | None:

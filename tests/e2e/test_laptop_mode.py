@@ -82,6 +82,15 @@ def test_up_then_submit_watch_jobs_and_metrics(tmp_path: Path) -> None:
 
         bad = _trainq("submit", str(ROOT / "README.md"), env=env)
         assert bad.returncode != 0
+        spec["model"]["layers"][0]["filters"] = 0
+        job_file.write_text(json.dumps(spec))
+        refused = _trainq("submit", str(job_file), env=env)
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "trainq: HTTP 422: model.layers[0].filters (conv2d): "
+            "Input should be greater than or equal to 1\n"
+        )
+        assert "1 of 1 jobs" in _trainq("jobs", env=env).stdout
     finally:
         up.send_signal(signal.SIGINT)
         try:

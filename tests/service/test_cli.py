@@ -127,3 +127,23 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
     result = trainq("summary", tmp_path / "nope.json")
     assert result.returncode == 2
     assert "nope.json" in result.stderr
+
+
+def test_api_errors_read_as_messages_that_name_their_fields() -> None:
+    from service.client import ApiError
+
+    named = "model.layers[0].filters (conv2d): Input should be greater than or equal to 1"
+    loc = ["body", "model", "layers", 0, "filters"]
+    spec = ApiError(422, [{"loc": loc, "msg": named, "type": "value_error"}])
+    assert str(spec) == f"HTTP 422: {named}"
+    query = ApiError(
+        422,
+        [
+            {"loc": ["query", "status"], "msg": "Input should be 'queued'", "type": "enum"},
+            {"loc": ["query", "limit"], "msg": "Input should be greater than 0"},
+        ],
+    )
+    assert str(query) == (
+        "HTTP 422: status: Input should be 'queued'\n  limit: Input should be greater than 0"
+    )
+    assert str(ApiError(404, "job 99 not found")) == "HTTP 404: job 99 not found"
