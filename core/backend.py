@@ -18,9 +18,10 @@ def get_xp(device: str = "cpu") -> ModuleType:
     if device == "gpu":
         try:
             import cupy
-        except ImportError as exc:  # pragma: no cover - depends on the machine
+        except ImportError as exc:
             raise RuntimeError(
-                "device 'gpu' needs CuPy: pip install 'trainq[gpu]' on a machine with CUDA"
+                "device 'gpu' needs CuPy: pip install 'trainq[gpu]' on a machine with CUDA 12, "
+                "'trainq[gpu-cuda13]' with CUDA 13"
             ) from exc
         return cupy
     raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")

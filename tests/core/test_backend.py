@@ -53,3 +53,16 @@ def test_the_cases_cover_every_layer_loss_and_optimizer() -> None:
     assert layers == set(LAYERS)
     assert {case.spec["loss"] for case in CASES.values()} == set(LOSSES)
     assert {case.optimizer["type"] for case in CASES.values()} == set(OPTIMIZERS)
+
+
+def test_devices_name_what_they_need() -> None:
+    from core.backend import get_xp
+
+    assert get_xp("cpu") is np
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; expected one of \('cpu', 'gpu'\)"):
+        get_xp("tpu")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"trainq\[gpu\].*CUDA 12.*trainq\[gpu-cuda13\]"):
+            get_xp("gpu")
