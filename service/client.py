@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from core.errors import format_loc
 from service.settings import get_settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -30,10 +31,7 @@ def _describe(detail: Any) -> str:
         messages = []
         for item in detail:
             msg = str(item.get("msg", item))
-            field = ""
-            for part in item.get("loc", [])[1:]:  # after "body", "query" or "path"
-                field += f"[{part}]" if isinstance(part, int) else f".{part}"
-            field = field.lstrip(".")
+            field = format_loc(tuple(item.get("loc", [])[1:]))  # after "body", "query", "path"
             messages.append(msg if msg.startswith(field) else f"{field}: {msg}")
         return "\n  ".join(messages)
     return str(detail)
