@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -281,14 +281,11 @@ class Trainer:
         _need_samples(x)
         self.model.zero_grad()
         parts = self.parts_for(len(x))
-        if parts == 1:
-            stats = self._gradients(self.model, x, y, 1.0, ())
-            self.apply_gradients(
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
-            )
-            return stats
-        with _one_blas_thread():
-            stats = self._gradients_in_parts(x, y, parts)
+        with _one_blas_thread() if parts > 1 else nullcontext():
+            if parts == 1:
+                stats = self._gradients(self.model, x, y, 1.0, ())
+            else:
+                stats = self._gradients_in_parts(x, y, parts)
             self.apply_gradients(
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, diagnose=diagnose
             )
