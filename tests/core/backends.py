@@ -171,7 +171,7 @@ def _batches(case: Case, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return batches
 
 
-def trainer(case: Case, device: str = "cpu") -> core.Trainer:
+def trainer(case: Case, device: str = "cpu", threads: int = 1) -> core.Trainer:
     return core.Trainer(
         model_spec=case.spec,
         optimizer_spec=case.optimizer,
@@ -179,6 +179,7 @@ def trainer(case: Case, device: str = "cpu") -> core.Trainer:
         input_shape=case.input_shape,
         num_classes=case.classes,
         device=device,
+        threads=threads,
     )
 
 

@@ -11,7 +11,6 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import core
-from core.spec import TrainingSpec
 from tests.core import backends
 
 STEP = {"steps_per_epoch": backends.STEPS, "total_steps": backends.STEPS}
@@ -24,19 +23,6 @@ def _without_batchnorm(case: backends.Case) -> backends.Case:
 
 #: The backend models, every layer type but batchnorm (which keeps the batch whole).
 SPLIT_CASES = {name: _without_batchnorm(case) for name, case in backends.CASES.items()}
-
-
-def _trainer(case: backends.Case, threads: int) -> core.Trainer:
-    return core.Trainer(
-        model_spec=case.spec,
-        optimizer_spec=case.optimizer,
-        training=TrainingSpec(
-            batch_size=backends.BATCH, seed=3, grad_clip_norm=case.grad_clip_norm
-        ),
-        input_shape=case.input_shape,
-        num_classes=case.classes,
-        threads=threads,
-    )
 
 
 def _reference_step(trainer: core.Trainer, x: Any, y: Any, parts: int) -> float:
@@ -65,7 +51,7 @@ def _reference_step(trainer: core.Trainer, x: Any, y: Any, parts: int) -> float:
 @pytest.mark.parametrize("threads", [2, 3])
 def test_a_step_in_parts_adds_the_parts_gradients_in_order(case_id: str, threads: int) -> None:
     case = SPLIT_CASES[case_id]
-    threaded, reference = _trainer(case, threads), _trainer(case, 1)
+    threaded, reference = backends.trainer(case, threads=threads), backends.trainer(case, threads=1)
     assert threaded.parts_for(backends.BATCH) == threads
     with threadpool_limits(1, user_api="blas"):  # each part's products on one thread
         for step, (x, y) in enumerate(backends._batches(case, seed=0)):
@@ -85,7 +71,7 @@ def test_a_split_step_computes_the_same_numbers_every_time() -> None:
     case = backends.CASES["char-lm"]
     runs = []
     for _ in range(2):
-        trainer = _trainer(case, 2)
+        trainer = backends.trainer(case, threads=2)
         for x, y in backends._batches(case, seed=1):
             trainer.train_step(x, y, **STEP)
         runs.append(trainer.model.state_dict())
@@ -97,7 +83,7 @@ def test_running_statistics_keep_the_batch_whole() -> None:
     """Batchnorm normalises over the whole batch: its model is not split, and computes
     what one thread does."""
     case = backends.CASES["cnn"]
-    threaded, single = _trainer(case, 2), _trainer(case, 1)
+    threaded, single = backends.trainer(case, threads=2), backends.trainer(case, threads=1)
     assert threaded.parts_for(backends.BATCH) == 1
     for x, y in backends._batches(case, seed=0):
         threaded.train_step(x, y, **STEP)
@@ -108,7 +94,7 @@ def test_running_statistics_keep_the_batch_whole() -> None:
 
 def test_no_more_parts_than_samples_and_the_blas_threads_restored() -> None:
     case = SPLIT_CASES["mlp"]
-    trainer = _trainer(case, 4)
+    trainer = backends.trainer(case, threads=4)
     assert trainer.parts_for(3) == 3
     assert trainer.parts_for(1) == 1
     x, y = backends._batches(case, seed=0)[0]
@@ -121,4 +107,4 @@ def test_no_more_parts_than_samples_and_the_blas_threads_restored() -> None:
 def test_threads_must_be_positive() -> None:
     case = backends.CASES["mlp"]
     with pytest.raises(ValueError, match="threads must be at least 1"):
-        _trainer(case, 0)
+        backends.trainer(case, threads=0)
