@@ -668,10 +668,21 @@ class _Pool2d(Layer):
 
     def _along(self, dy: Any) -> Any:
         """Each window's ``dy`` at its ``k`` pixels of a row, (N * OH, 1, OW * k * C), to
-        broadcast over the window's rows as laid out by :meth:`_rows`."""
+        broadcast over the window's rows as laid out by :meth:`_rows`. With NumPy it is
+        taken into a workspace array: a new one every step would be fresh pages."""
+        xp = self.xp
         c, _, _, oh, ow, k, _ = self._geometry
-        r = dy.shape[0] * oh
-        return self.xp.repeat(dy.reshape(r * ow, c), k, axis=0).reshape(r, 1, ow * k * c)
+        windows = dy.shape[0] * oh * ow
+        rows = dy.reshape(windows, c)
+        if xp is np:
+            index = self._buffers.memo(
+                ("along", windows, k), lambda: np.repeat(np.arange(windows), k)
+            )
+            spread = self._buffers.scratch(xp, "along", (windows * k, c), dy.dtype)
+            np.take(rows, index, axis=0, out=spread, mode="clip")  # "raise" buffers out
+        else:
+            spread = xp.repeat(rows, k, axis=0)
+        return spread.reshape(-1, 1, ow * k * c)
 
 
 class MaxPool2d(_Pool2d):
@@ -890,7 +901,8 @@ class AvgPool2d(_Pool2d):
         n = dy.shape[0]
         self._buffers.batch(n)
         r = n * oh
-        along = self._along(xp.multiply(dy, 1.0 / (k * k)))
+        share = self._buffers.scratch(xp, "share", dy.shape, dy.dtype)
+        along = self._along(xp.multiply(dy, 1.0 / (k * k), out=share))
         dx = self._buffers.output(xp, "dx", self._x_shape, dy.dtype)
         if self._covers_input:
             dx.reshape(r, k, ow * k * c)[...] = along

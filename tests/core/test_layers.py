@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -563,6 +564,30 @@ def test_maxpool_2x2_in_pieces_of_the_batch_sends_each_gradient_to_its_first_max
         expected_y, expected_dx = _maxpool_by_loop(x, dy, 2, 2)
         np.testing.assert_array_equal(layer.forward(x, True), expected_y)
         np.testing.assert_array_equal(layer.backward(dy), expected_dx)
+
+
+@pytest.mark.parametrize("pool", ["maxpool2d", "avgpool2d"])
+def test_pooling_backward_takes_no_new_arrays_after_the_first_step(
+    pool: str, rng: np.random.Generator
+) -> None:
+    """From the second step on, a 2x2 pool's backward allocates nothing near the size of
+    its dy: the spread of dy over each window's pixels is taken into the workspace, as
+    dx is (a new array every step would be fresh pages, zeroed on first touch)."""
+    shape = (6, 28, 28)
+    layer = make_layer({"type": pool, "pool_size": 2}, shape, dtype=np.float32)
+    x = engine_batch(rng, shape, 64).astype(np.float32)
+    dy = rng.standard_normal((64, 14, 14, 6)).astype(np.float32)
+    layer.forward(x, True)
+    first = layer.backward(dy).copy()  # the first step fills the workspace
+    layer.forward(x, True)
+    tracemalloc.start()
+    try:
+        again = layer.backward(dy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < dy.nbytes // 2  # room for NumPy's iterator buffers, not for a copy of dy
+    np.testing.assert_array_equal(again, first)
 
 
 def _maxpool_by_loop(x: np.ndarray, dy: np.ndarray, pool: int, stride: int):
