@@ -31,6 +31,10 @@ For the MLP, whose step is mostly matrix products, the report also times those
 products alone in each framework (same shapes, same threads): how fast NumPy's
 BLAS and PyTorch's multiply these shapes bounds the ratio before any of trainq's
 own work counts.
+
+Each framework's minor page faults per step are printed too: an array allocated
+anew every step can come back from ``malloc`` as fresh pages, which the OS zeroes
+on first touch, a cost that shows in neither framework's code.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -286,24 +291,37 @@ def settle(max_wait_s: float) -> bool:
             return False
 
 
-def timed(step: Callable[[], None], steps: int, warmup: int, wait_s: float) -> tuple[float, bool]:
+class Block(NamedTuple):
+    """One timed block of steps."""
+
+    rate: float  # samples per second
+    quiet: bool  # undisturbed by other processes
+    faults: float  # minor page faults per step: fresh pages the OS zeroes on first touch
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(step: Callable[[], None], steps: int, warmup: int, wait_s: float) -> Block:
     """Samples per second over ``steps`` steps, after a pause and ``warmup`` untimed steps,
-    and whether the block ran undisturbed: quiet before, and other processes (or other
-    machines on the host) took under 5% of the CPUs meanwhile."""
+    whether the block ran undisturbed (quiet before, and other processes, or other
+    machines on the host, took under 5% of the CPUs meanwhile), and its page faults."""
     quiet = settle(wait_s)
     for _ in range(warmup):
         step()
-    machine, own = _cpu_times(), _own_cpu()
+    machine, own, faults = _cpu_times(), _own_cpu(), _minor_faults()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
+    faults = _minor_faults() - faults
     after = _cpu_times()
     if machine is not None and after is not None:
         others = (after[0] - machine[0]) - (_own_cpu() - own)
         capacity = elapsed * (os.cpu_count() or 1)
         quiet = quiet and others <= max(0.05 * capacity, 0.02)
-    return steps * BATCH / elapsed, quiet
+    return Block(steps * BATCH / elapsed, quiet, faults / steps)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
@@ -397,6 +415,7 @@ class Result:
     norms_ms: float
     step_ms: float
     products_ms: tuple[float, float] | None  # best of NumPy, PyTorch: see products_alone
+    faults: tuple[float, float]  # page faults per step, trainq's and PyTorch's (medians)
     rounds: int
     clean_rounds: int  # rounds whose two blocks ran undisturbed
 
@@ -405,9 +424,9 @@ class Result:
         return statistics.median(self.ratios)
 
 
-def _best(blocks: list[tuple[float, bool]]) -> float:
+def _best(blocks: list[Block]) -> float:
     """The best samples/s of the undisturbed blocks (of every block, if none was)."""
-    return max([rate for rate, quiet in blocks if quiet] or [rate for rate, _ in blocks])
+    return max([b.rate for b in blocks if b.quiet] or [b.rate for b in blocks])
 
 
 def run_case(
@@ -419,28 +438,28 @@ def run_case(
     trainer = trainq_trainer(case)
     ours, theirs = trainq_step(trainer, x, y), torch_step(case, x, y)
     products = products_alone(trainer)
-    products_runs: list[list[tuple[float, bool]]] = [[], []]  # NumPy's, PyTorch's
-    runs: list[tuple[float, bool, float, bool]] = []
-    while sum(qa and qb for _, qa, _, qb in runs) < rounds and len(runs) < max_rounds:
+    products_runs: list[list[Block]] = [[], []]  # NumPy's, PyTorch's
+    runs: list[tuple[Block, Block]] = []  # trainq's, PyTorch's
+    while sum(a.quiet and b.quiet for a, b in runs) < rounds and len(runs) < max_rounds:
         if len(runs) % 2 == 0:
-            a, qa = timed(ours, case.steps, warmup, wait_s)
-            b, qb = timed(theirs, case.steps, warmup, wait_s)
+            a = timed(ours, case.steps, warmup, wait_s)
+            b = timed(theirs, case.steps, warmup, wait_s)
         else:
-            b, qb = timed(theirs, case.steps, warmup, wait_s)
-            a, qa = timed(ours, case.steps, warmup, wait_s)
-        runs.append((a, qa, b, qb))
+            b = timed(theirs, case.steps, warmup, wait_s)
+            a = timed(ours, case.steps, warmup, wait_s)
+        runs.append((a, b))
         if products is not None:
             for fn, blocks in zip(products, products_runs, strict=True):
                 blocks.append(timed(fn, case.steps, warmup, wait_s))
         if len(runs) % 3 == 1:  # the peak too is measured in several rounds
             settle(wait_s)
             peaks.append(matmul_peak())
-    clean = [(a, b) for a, qa, b, qb in runs if qa and qb]
+    clean = [(a.rate, b.rate) for a, b in runs if a.quiet and b.quiet]
     BLOCKS[0] += 2 * len(runs)
-    BLOCKS[1] += sum((not qa) + (not qb) for _, qa, _, qb in runs)
+    BLOCKS[1] += sum((not a.quiet) + (not b.quiet) for a, b in runs)
 
-    best_ours = _best([(a, qa) for a, qa, _, _ in runs])
-    best_theirs = _best([(b, qb) for _, _, b, qb in runs])
+    best_ours = _best([a for a, _ in runs])
+    best_theirs = _best([b for _, b in runs])
     flops = core.summarize(case.spec, case.input_shape, CLASSES).flops
     gflops = 3 * flops * best_ours / 1e9
     settle(wait_s)
@@ -453,12 +472,16 @@ def run_case(
         trainq=best_ours,
         torch=best_theirs,
         ratio=best_ours / best_theirs,
-        ratios=[a / b for a, b in (clean or [(a, b) for a, _, b, _ in runs])],
+        ratios=[a / b for a, b in (clean or [(a.rate, b.rate) for a, b in runs])],
         gflops=gflops,
         peak_share=gflops / max(peaks),
         norms_ms=norms_ms,
         step_ms=step_ms,
         products_ms=products_ms,
+        faults=(
+            statistics.median(a.faults for a, _ in runs),
+            statistics.median(b.faults for _, b in runs),
+        ),
         rounds=len(runs),
         clean_rounds=len(clean),
     )
@@ -573,6 +596,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.case.name}: the Trainer's per-layer gradient norms add "
                 f"{r.norms_ms:.2f} ms to a {r.step_ms:.2f} ms step ({r.norms_ms / r.step_ms:.1%}; "
                 "steps with and without them taking turns)"
+            )
+        for r in results:
+            ours_faults, theirs_faults = r.faults
+            print(
+                f"{r.case.name}: minor page faults a step (fresh pages, zeroed by the OS on "
+                f"first touch; medians of the blocks): trainq {ours_faults:.0f}, "
+                f"PyTorch {theirs_faults:.0f}"
             )
         for r in results:
             if r.products_ms is not None:
