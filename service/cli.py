@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from core import DatasetUnavailable, SpecError, fit, load_dataset, parse_job_spec, summarize
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 BAR_WIDTH = 30
 
@@ -87,13 +91,28 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _up(args: argparse.Namespace) -> int:
-    import threading
+def _settings_before_ray() -> Settings:
+    """The service's settings, read before Ray is imported.
 
-    from service import roles
+    A new local Ray turns token authentication on by default and warns at every
+    start that it did. Choosing it explicitly (``RAY_AUTH_MODE``, read when Ray is
+    imported) keeps that default without the warning; joining ``RAY_ADDRESS`` leaves
+    the cluster's own mode alone.
+    """
     from service.settings import get_settings
 
     settings = get_settings()
+    if settings.ray_address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return settings
+
+
+def _up(args: argparse.Namespace) -> int:
+    import threading
+
+    settings = _settings_before_ray()
+    from service import roles
+
     context = roles.prepare(settings)
     token = roles.first_admin_token(context)
     resources = roles.start_ray(settings)
@@ -142,11 +161,10 @@ def _dispatcher(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    settings = _settings_before_ray()
     from service import roles
     from service.context import ServiceContext
-    from service.settings import get_settings
 
-    settings = get_settings()
     context = ServiceContext.from_settings(settings)
     roles.start_ray(settings)
     stop = threading.Event()

@@ -101,3 +101,5 @@ def test_up_then_submit_watch_jobs_and_metrics(tmp_path: Path) -> None:
         log.close()
         first_lines = up.stdout.read() if up.stdout else ""
     assert "admin token for team 'default'" in first_lines
+    # The local Ray keeps its token authentication, chosen explicitly: no warning about it.
+    assert "Token authentication" not in (tmp_path / "up.log").read_text()
