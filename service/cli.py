@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from core import DatasetUnavailable, SpecError, fit, load_dataset, parse_job_spec, summarize
 
@@ -63,8 +63,21 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+class CommandError(Exception):
+    """A failure the command line reports as one line, exit status 2."""
+
+
+def _read_spec(path: str) -> Any:
+    """A job spec file's JSON; a file that is not JSON is an error that names it."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path} is not JSON: {exc}") from None
+
+
 def _train(args: argparse.Namespace) -> int:
-    job = parse_job_spec(json.loads(Path(args.file).read_text()))
+    job = parse_job_spec(_read_spec(args.file))
     if args.epochs is not None:
         job = job.model_copy(
             update={"training": job.training.model_copy(update={"epochs": args.epochs})}
@@ -85,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    job = parse_job_spec(json.loads(Path(args.file).read_text()))
+    job = parse_job_spec(_read_spec(args.file))
     dataset = load_dataset(job.dataset.name)
     print(summarize(job.model, dataset.input_shape, dataset.num_classes))
     return 0
@@ -210,7 +223,7 @@ def _client(args: argparse.Namespace):  # noqa: ANN202 - lazily imported type
 
 
 def _submit(args: argparse.Namespace) -> int:
-    spec = json.loads(Path(args.file).read_text())
+    spec = _read_spec(args.file)
     job = _client(args).submit(spec, idempotency_key=args.idempotency_key)
     print(f"job {job['id']} {job['status']}: {job['name']}")
     return 0
@@ -385,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (SpecError, DatasetUnavailable, KeyError, OSError, json.JSONDecodeError) as exc:
+    except (CommandError, SpecError, DatasetUnavailable, KeyError, OSError) as exc:
         print(f"trainq: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

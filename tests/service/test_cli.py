@@ -129,6 +129,18 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
     assert "nope.json" in result.stderr
 
 
+def test_file_that_is_not_json_exits_2_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text('{"name": "x",\n')
+    result = trainq("summary", path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"trainq: {path} is not JSON: Expecting property name enclosed in double quotes: "
+        "line 2 column 1 (char 14)\n"
+    )
+    assert result.stdout == ""
+
+
 def test_api_errors_read_as_messages_that_name_their_fields() -> None:
     from service.client import ApiError
 
