@@ -22,8 +22,6 @@ from tests.factories import make_layer
 GRAD_TOL = 1e-5
 TORCH_RTOL = 1e-5
 TORCH_ATOL = 1e-10
-#: Models with a GELU: see test_transformer_block_matches_torch.
-GELU_ATOL = 1e-5
 
 
 def char_lm_spec(vocab: int, *, dim: int = 8, heads: int = 2, context: int = 6, blocks: int = 2):
@@ -390,13 +388,11 @@ def test_transformer_block_matches_torch(causal: bool, rng: np.random.Generator)
     pt = {key: _t(value, True) for key, value in layer.params.items()}
     yt = _torch_block(xt, pt, heads=2, causal=causal)
     yt.backward(_t(dy))
-    # The engine's erf (A&S 7.1.26) is within 1.5e-7 of the exact one and its derivative
-    # within a few 1e-7, so values of order one agree to 1e-5 absolute, not to the last digits.
-    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=GELU_ATOL)
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-5, atol=GELU_ATOL)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL)
     for key, value in pt.items():
         np.testing.assert_allclose(
-            grads[key], value.grad.numpy(), rtol=1e-5, atol=GELU_ATOL, err_msg=key
+            grads[key], value.grad.numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL, err_msg=key
         )
 
 
@@ -428,5 +424,5 @@ def test_char_transformer_loss_and_gradients_match_torch(rng: np.random.Generato
     assert value == pytest.approx(reference.item(), rel=1e-6)
     for name, _, grad in model.parameters():
         np.testing.assert_allclose(
-            grad, p[name].grad.numpy(), rtol=1e-5, atol=GELU_ATOL, err_msg=name
+            grad, p[name].grad.numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL, err_msg=name
         )
