@@ -28,9 +28,9 @@ float32 matmul peak measured here with NumPy on the same threads (the best of
 several measurements spread over the run).
 
 For the MLP, whose step is mostly matrix products, the report also times those
-products alone in each framework (same shapes, same threads): how fast NumPy's
-BLAS and PyTorch's multiply these shapes bounds the ratio before any of trainq's
-own work counts.
+products alone in each framework (same shapes, same threads, each in the forms
+its own step uses): how fast NumPy's BLAS and PyTorch's multiply these shapes
+bounds the ratio before any of trainq's own work counts.
 
 Each framework's minor page faults per step are printed too: an array allocated
 anew every step can come back from ``malloc`` as fresh pages, which the OS zeroes
@@ -340,41 +340,49 @@ def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
 
 
 def products_alone(trainer: core.Trainer) -> tuple[Callable[[], None], Callable[[], None]] | None:
-    """One step's matrix products alone, with NumPy and with PyTorch (same shapes; each
-    timed like a step, in the same rounds), for a model whose weights are all dense
-    layers' (None otherwise): each layer's ``x @ W`` and ``x.T @ dy``, and ``dy @ W.T``
-    but the first layer's. A step can be no faster than its products."""
+    """One step's matrix products alone, with NumPy and with PyTorch, each in the forms its
+    own step multiplies (each timed like a step, in the same rounds), for a model whose
+    weights are all dense layers' (None otherwise). Ours, W (in, out): ``x @ W``,
+    ``x.T @ dy`` and ``dy @ W.T``; PyTorch's, W (out, in) as ``nn.Linear`` keeps it:
+    ``x @ W.T`` (with the bias, as ``addmm``), ``dy.T @ x`` and ``dy @ W``. The first
+    layer takes no ``dx`` in either. A step can be no faster than its products."""
     import torch
 
     layers = [layer for layer in trainer.model.layers if layer.params]
     if not layers or any(layer.type != "dense" for layer in layers):
         return None
     rng = np.random.default_rng(0)
-    shapes = []  # (m, k, n) of each product
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    ours: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # a, b, out: out = a @ b
+    theirs: list[tuple[Any, Any, Any, Any]] = []  # bias or None, a, b, out
     for i, layer in enumerate(layers):
         fan_in, units = layer.params["W"].shape
-        shapes += [(BATCH, fan_in, units), (fan_in, BATCH, units)]
+        x, dy, w = normal(BATCH, fan_in), normal(BATCH, units), normal(fan_in, units)
+        ours.append((x, w, np.empty((BATCH, units), np.float32)))
+        ours.append((x.T, dy, np.empty((fan_in, units), np.float32)))
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        tw = torch.from_numpy(np.ascontiguousarray(w.T))  # (units, fan_in)
+        theirs.append((torch.zeros(units), tx, tw.t(), torch.empty(BATCH, units)))
+        theirs.append((None, tdy.t(), tx, torch.empty(units, fan_in)))
         if i:
-            shapes.append((BATCH, units, fan_in))
-    operands = [
-        (
-            rng.standard_normal((m, k), dtype=np.float32),
-            rng.standard_normal((k, n), dtype=np.float32),
-            np.empty((m, n), dtype=np.float32),
-        )
-        for m, k, n in shapes
-    ]
-    tensors = [tuple(torch.from_numpy(a) for a in ops) for ops in operands]
+            ours.append((dy, w.T, np.empty((BATCH, fan_in), np.float32)))
+            theirs.append((None, tdy, tw, torch.empty(BATCH, fan_in)))
 
-    def ours() -> None:
-        for a, b, out in operands:
+    def numpy_products() -> None:
+        for a, b, out in ours:
             np.matmul(a, b, out=out)
 
-    def theirs() -> None:
-        for a, b, out in tensors:
-            torch.mm(a, b, out=out)
+    def torch_products() -> None:
+        for bias, a, b, out in theirs:
+            if bias is None:
+                torch.mm(a, b, out=out)
+            else:
+                torch.addmm(bias, a, b, out=out)
 
-    return ours, theirs
+    return numpy_products, torch_products
 
 
 def bookkeeping(
