@@ -16,10 +16,12 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,13 +155,39 @@ def load_dataset(name: str) -> Dataset:
     return loader()
 
 
+#: How a zip archive starts (``numpy.savez`` writes one): a file, or an empty archive.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def load_npz(data: bytes, *, name: str) -> Dataset:
     """A dataset from ``.npz`` bytes with arrays ``X`` and ``y`` (never unpickled)."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+    if not data.startswith(_ZIP_MAGIC):  # np.load would try a pickle, and say so
+        raise ValueError(
+            "not an .npz archive: expected the zip of arrays 'X' and 'y' that numpy.savez writes"
+        )
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"not a readable .npz archive: {exc}") from None
+    with archive:
         if "X" not in archive or "y" not in archive:
             raise ValueError("an .npz dataset needs arrays named 'X' and 'y'")
-        X, y = archive["X"], archive["y"]
+        X, y = (_numeric_array(archive, key) for key in ("X", "y"))
     return dataset_from_arrays(X, y, name=name)
+
+
+def _numeric_array(archive: Any, key: str) -> np.ndarray:
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # an object array, which only unpickling could read
+            raise ValueError(
+                f"array {key!r} holds Python objects, which are never unpickled: "
+                "X and y must be numeric arrays"
+            ) from None
+        raise ValueError(f"array {key!r} cannot be read: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ValueError(f"array {key!r} cannot be read: {exc}") from None
 
 
 def dataset_from_arrays(X: np.ndarray, y: np.ndarray, *, name: str) -> Dataset:

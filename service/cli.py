@@ -77,11 +77,11 @@ def _read_spec(path: str) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    job = parse_job_spec(_read_spec(args.file))
-    if args.epochs is not None:
-        job = job.model_copy(
-            update={"training": job.training.model_copy(update={"epochs": args.epochs})}
-        )
+    raw = _read_spec(args.file)
+    training = raw.get("training", {}) if isinstance(raw, dict) else None
+    if args.epochs is not None and isinstance(training, dict):  # then checked like the file
+        raw["training"] = {**training, "epochs": args.epochs}
+    job = parse_job_spec(raw)
     dataset = load_dataset(job.dataset.name)
     print(summarize(job.model, dataset.input_shape, dataset.num_classes))
     n_train = len(dataset.X) - int(round(len(dataset.X) * job.training.validation_split))
@@ -193,12 +193,22 @@ def _dispatcher(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade
+    """Migrate; at the newest revision also record the built-in datasets, so a team's
+    deployment (which runs this once, before the API) offers them as ``trainq up`` does."""
     from service.settings import get_settings
 
-    url = get_settings().resolved_database_url()
-    get_settings().home.mkdir(parents=True, exist_ok=True)
-    upgrade(url, args.revision)
+    settings = get_settings()
+    if args.revision == "head":
+        from service import roles
+
+        _, builtins = roles.migrate_and_register(settings)
+        print("database at head")
+        print(f"built-in datasets: {', '.join(builtins) or 'none'}")
+        return 0
+    from service.migrate import upgrade
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url(), args.revision)
     print(f"database at {args.revision}")
     return 0
 

@@ -24,12 +24,19 @@ ADMIN_TEAM = "default"
 
 def prepare(settings: Settings) -> ServiceContext:
     """Migrate the database, register the built-in datasets, and build the context."""
+    context, _ = migrate_and_register(settings)
+    return context
+
+
+def migrate_and_register(settings: Settings) -> tuple[ServiceContext, list[str]]:
+    """Migrate the database to its newest revision and record the built-in datasets
+    this machine has (those already recorded stay); returns their names too."""
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url())
     context = ServiceContext.from_settings(settings)
     with context.session_factory() as session:
-        register_builtins(session=session)
-    return context
+        builtins = register_builtins(session=session)
+    return context, builtins
 
 
 def first_admin_token(context: ServiceContext) -> str | None:

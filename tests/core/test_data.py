@@ -135,9 +135,26 @@ def test_load_npz_refuses_object_arrays_without_unpickling(which: str, tmp_path:
     payload = np.empty(3, dtype=object)
     payload[:] = [_Marker(marker)] * 3
     arrays = {"X": np.zeros((3, 2)), "y": np.zeros(3, dtype=np.int64), which: payload}
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(ValueError, match=f"array '{which}' holds Python objects, which are never"):
         load_npz(_npz(**arrays), name="evil")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"hello\n", "not an .npz archive: expected the zip of arrays 'X' and 'y'"),
+        (b"", "not an .npz archive"),
+        (b"\x93NUMPY\x01\x00", "not an .npz archive"),  # one .npy array, not an archive
+        (_npz(X=np.zeros((3, 2)), y=np.zeros(3))[:60], "not a readable .npz archive"),
+    ],
+)
+def test_load_npz_names_what_is_wrong_with_a_file_that_is_not_an_archive(
+    data: bytes, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        load_npz(data, name="broken")
+    assert "pickle" not in str(info.value)
 
 
 @pytest.mark.parametrize("missing", ["X", "y"])

@@ -1,4 +1,4 @@
-"""``trainq train`` and ``trainq summary``, run as real processes."""
+"""``trainq train``, ``summary`` and ``db upgrade``, run as real processes."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
-from core import summarize
-from core.data import load_digits
+from core import DatasetUnavailable, load_dataset, summarize
+from core.data import BUILTIN_DATASETS, load_digits
+from service.context import ServiceContext
+from service.models import DatasetVersion
 from tests.factories import ROOT, example_job
 
 TIMEOUT_S = 120
 
 
-def trainq(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+def trainq(*args: str | Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """The command line in a process of its own; ``settings`` add to its environment."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **settings}
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *map(str, args)],
         cwd=ROOT,
@@ -78,6 +82,24 @@ def test_train_epochs_option_overrides_the_spec(tmp_path: Path, short_job: dict[
     progress = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in progress] == ["1/1"]
     assert "test_accuracy" in result.stdout
+
+
+def test_train_epochs_option_is_checked_like_the_spec(
+    tmp_path: Path, short_job: dict[str, Any]
+) -> None:
+    saved = tmp_path / "model.npz"
+    result = trainq("train", _write_job(tmp_path, short_job), "--epochs", "0", "--save", saved)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "trainq: training.epochs: Input should be greater than or equal to 1\n"
+    )
+    assert result.stdout == ""
+    assert not saved.exists()
+    del short_job["training"]  # the option also sets it in a spec that leaves it out
+    result = trainq("train", _write_job(tmp_path, short_job), "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in progress] == ["1/1"]
 
 
 def test_train_threads_option_splits_batches_and_rejects_zero(
@@ -159,3 +181,33 @@ def test_api_errors_read_as_messages_that_name_their_fields() -> None:
         "HTTP 422: status: Input should be 'queued'\n  limit: Input should be greater than 0"
     )
     assert str(ApiError(404, "job 99 not found")) == "HTTP 404: job 99 not found"
+
+
+def test_db_upgrade_records_the_built_in_datasets_once(
+    context: ServiceContext, tmp_path: Path
+) -> None:
+    """A team's deployment runs ``db upgrade`` and then the API: the built-ins
+    (those this machine has) are there without ``trainq up``."""
+    available = []
+    for name in BUILTIN_DATASETS:
+        try:
+            load_dataset(name)
+        except DatasetUnavailable:
+            continue
+        available.append(name)
+    assert {"digits", "tiny_corpus", "tiny_sentiment"} <= set(available)
+    settings = {"TRAINQ_HOME": str(tmp_path), "TRAINQ_DATABASE_URL": context.settings.database_url}
+    for _ in range(2):
+        result = trainq("db", "upgrade", **settings)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "database at head",
+            f"built-in datasets: {', '.join(available)}",
+        ]
+    with context.session_factory() as session:
+        rows = session.scalars(select(DatasetVersion).order_by(DatasetVersion.name)).all()
+        assert [(r.name, r.version, r.builtin, r.team_id) for r in rows] == [
+            (name, 1, True, None) for name in sorted(available)
+        ]
+        digits = next(r for r in rows if r.name == "digits")
+        assert (digits.input_shape, digits.num_classes, digits.num_samples) == ([1, 8, 8], 10, 1797)
