@@ -16,6 +16,7 @@ from service.api.deps import TeamDep
 from service.artifacts import ArtifactNotFound
 from service.context import ServiceContext
 from service.errors import ServiceError
+from service.migrate import schema_problem
 from service.telemetry import make_registry
 
 API_PREFIX = "/api/v1"
@@ -103,12 +104,14 @@ def create_app(context: ServiceContext) -> FastAPI:
         def database() -> None:
             with context.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+            checks["schema"] = schema_problem(context.engine) or "ok"
 
         try:
             await run_in_threadpool(database)
-            checks["database"] = "ok"
         except Exception as exc:  # reported, not raised: this is the readiness answer
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+            checks.setdefault("database", f"unreachable: {type(exc).__name__}")
+            checks.setdefault("schema", "unknown")
         if context.needs_ray:
             checks["ray"] = "ok" if await run_in_threadpool(_ray_ready) else "unreachable"
         ready = all(value == "ok" for value in checks.values())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from core import DatasetUnavailable, SpecError, fit, load_dataset, parse_job_spec, summarize
 
 if TYPE_CHECKING:
+    from service.context import ServiceContext
     from service.settings import Settings
 
 BAR_WIDTH = 30
@@ -152,6 +153,8 @@ def _api(args: argparse.Namespace) -> int:
     from service.context import ServiceContext
     from service.settings import get_settings
 
+    context = ServiceContext.from_settings(get_settings())
+    _require_schema(context)
     if args.workers > 1:
         import uvicorn
 
@@ -165,7 +168,6 @@ def _api(args: argparse.Namespace) -> int:
             access_log=False,
         )
         return 0
-    context = ServiceContext.from_settings(get_settings())
     roles.serve(context, host=args.host, port=args.port)
     return 0
 
@@ -179,6 +181,7 @@ def _dispatcher(args: argparse.Namespace) -> int:
     from service.context import ServiceContext
 
     context = ServiceContext.from_settings(settings)
+    _require_schema(context)
     roles.start_ray(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -190,6 +193,15 @@ def _dispatcher(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop.set()
     return 0
+
+
+def _require_schema(context: ServiceContext) -> None:
+    """Stop with a one-line reason when the database is not at this code's revision."""
+    from service.migrate import schema_problem
+
+    problem = schema_problem(context.engine)
+    if problem is not None:
+        raise CommandError(problem)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -219,6 +231,7 @@ def _token_create(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     context = ServiceContext.from_settings(get_settings())
+    _require_schema(context)
     with context.session_factory() as session:
         team, token = create_token(session=session, team_name=args.team)
     print(f"token for team {team.name!r} (shown once):")

@@ -91,7 +91,7 @@ def test_digits_cnn_on_two_ray_workers_over_http(service: Service, dispatchers) 
     predicted = np.asarray(answer.json()["predictions"])
     assert (predicted == digits.y_test[:50]).mean() >= 0.9
     ready = service.http.get("/readyz").json()
-    assert ready["checks"] == {"database": "ok", "ray": "ok"}
+    assert ready["checks"] == {"database": "ok", "schema": "ok", "ray": "ok"}
 
 
 def test_text_classifier_on_ray_workers_answers_texts(service: Service, dispatchers) -> None:  # noqa: ANN001
