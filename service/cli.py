@@ -425,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainq: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from service.client import ApiError
+        from service.client import ApiError, ApiUnreachable
 
-        if isinstance(exc, ApiError):
+        if isinstance(exc, ApiError | ApiUnreachable):
             print(f"trainq: {exc}", file=sys.stderr)
             return 1
         raise

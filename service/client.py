@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {status_code}: {_describe(detail)}")
         self.status_code = status_code
         self.detail = detail
+
+
+class ApiUnreachable(RuntimeError):
+    """No answer from the API (nothing listening, a dropped connection, a timeout)."""
 
 
 def _describe(detail: Any) -> str:
@@ -53,8 +58,24 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
 
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """httpx's transport errors as :class:`ApiUnreachable`, naming the URL."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(
+                f"no answer from the API at {self.url} ({exc or type(exc).__name__}): is "
+                "'trainq up' or 'trainq api' running there? (--url or TRAINQ_URL says where)"
+            ) from None
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self._reaching():
+            return self._check(self.http.request(method, path, **kwargs))
+
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
+            response.read()  # a streamed response's body, for its detail
             try:
                 detail = response.json().get("detail")
             except ValueError:
@@ -64,22 +85,23 @@ class Client:
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._check(self.http.post("/api/v1/jobs", json=spec, headers=headers)).json()
+        return self._send("POST", "/api/v1/jobs", json=spec, headers=headers).json()
 
     def jobs(self, **params: Any) -> dict[str, Any]:
         params = {k: v for k, v in params.items() if v is not None}
-        return self._check(self.http.get("/api/v1/jobs", params=params)).json()
+        return self._send("GET", "/api/v1/jobs", params=params).json()
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return self._check(self.http.get(f"/api/v1/jobs/{job_id}")).json()
+        return self._send("GET", f"/api/v1/jobs/{job_id}").json()
 
     def metrics(self, job_id: int, **params: Any) -> httpx.Response:
         params = {k: v for k, v in params.items() if v is not None}
-        return self._check(self.http.get(f"/api/v1/jobs/{job_id}/metrics", params=params))
+        return self._send("GET", f"/api/v1/jobs/{job_id}/metrics", params=params)
 
     def events(self, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(event, data)`` pairs from the job's server-sent events until it ends."""
-        with self.http.stream("GET", f"/api/v1/jobs/{job_id}/events", timeout=None) as response:
+        path = f"/api/v1/jobs/{job_id}/events"
+        with self._reaching(), self.http.stream("GET", path, timeout=None) as response:
             self._check(response)
             event = "message"
             for line in response.iter_lines():

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -27,6 +28,26 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@contextmanager
+def serving(context: ServiceContext) -> Iterator[str]:
+    """The app on a real uvicorn on a free port of 127.0.0.1, in a thread; its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(context), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @dataclass
 class Service:
     url: str
@@ -44,23 +65,13 @@ def service(context: ServiceContext, ray_session: None) -> Iterator[Service]:
     with context.session_factory() as session:
         register_builtins(session=session)
         _, token = create_token(session=session, team_name="e2e")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(context), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(
-        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0
-    ) as http:
+    with (
+        serving(context) as url,
+        httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60.0
+        ) as http,
+    ):
         yield Service(url=url, token=token, context=context, http=http)
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture
