@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core import SpecError
 
 
 class ServiceError(Exception):
@@ -30,3 +33,8 @@ class Invalid(ServiceError):
         super().__init__([{"loc": list(loc), "msg": msg, "type": "value_error"}])
         self.loc = loc
         self.msg = msg
+
+    @classmethod
+    def in_body(cls, error: SpecError) -> Invalid:
+        """The 422 of a request body whose field ``error.loc`` is invalid."""
+        return cls(("body", *error.loc), str(error))

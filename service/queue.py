@@ -23,7 +23,9 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     func,
+    literal,
     select,
     update,
 )
@@ -31,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import utcnow, write_lock_session
+from service.errors import Conflict
 from service.models import Attempt, AttemptStatus, Checkpoint, Job, JobStatus, Metric
 
 
@@ -246,18 +249,28 @@ def fail_attempt(
 
 def cancel_job(*, session: Session, job: Job) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (its
-    dispatcher sees the request at its next heartbeat)."""
-    now = utcnow()
-    if job.status == JobStatus.queued:
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.queued)
-            .values(status=JobStatus.cancelled, finished_at=now, cancel_requested=True)
+    dispatcher sees the request at its next heartbeat). A job that has ended is a
+    :class:`Conflict` and stays as it was.
+
+    One statement decides on the status the row has when it is written, so a job
+    claimed or finished since ``job`` was read is cancelled or refused as it is now.
+    """
+    queued = Job.status == JobStatus.queued
+    asked = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_((JobStatus.queued, JobStatus.running)))
+        .values(
+            status=case((queued, literal(JobStatus.cancelled, Job.status.type)), else_=Job.status),
+            finished_at=case((queued, utcnow()), else_=Job.finished_at),
+            cancel_requested=True,
         )
-    elif job.status == JobStatus.running:
-        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+        .returning(Job.id)
+    ).first()
     session.commit()
     session.refresh(job)
+    if asked is None:
+        ended = "been cancelled" if job.status == JobStatus.cancelled else job.status.value
+        raise Conflict(f"job {job.id} has already {ended}")
 
 
 def record_checkpoint(

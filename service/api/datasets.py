@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 
 from service import datasets as dataset_service
-from service.api.body import read_limited
+from service.api.body import raw_body_openapi, read_limited
 from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
 from service.errors import Invalid, NotFound
 from service.schemas import DatasetPublic, DatasetsPublic
@@ -17,7 +17,14 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    openapi_extra=raw_body_openapi(
+        "application/octet-stream", "the file itself, in the format that `format` names"
+    ),
+)
 async def upload_dataset(
     request: Request,
     context: ContextDep,

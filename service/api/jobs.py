@@ -13,9 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from core import JobSpec
 from service import jobs as job_service
 from service import results
-from service.api.body import read_json_object
+from service.api.body import json_body_openapi, read_json_object, read_model
 from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
 from service.datasets import resolve_version
 from service.errors import NotFound
@@ -37,7 +38,12 @@ EVENTS_POLL_S = 0.5
 _models = ModelCache()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    openapi_extra=json_body_openapi(JobSpec),
+)
 async def submit_job(
     request: Request,
     response: Response,
@@ -149,7 +155,11 @@ def download_model(job_id: int, session: SessionDep, team: TeamDep, store: Store
     )
 
 
-@router.post("/{job_id}/predict", response_model=PredictResponse)
+@router.post(
+    "/{job_id}/predict",
+    response_model=PredictResponse,
+    openapi_extra=json_body_openapi(PredictRequest),
+)
 async def predict_route(
     job_id: int,
     request: Request,
@@ -158,9 +168,8 @@ async def predict_route(
     team: TeamDep,
     store: StoreDep,
 ) -> PredictResponse:
-    body = PredictRequest.model_validate(
-        await read_json_object(request, context.settings.max_body_bytes)
-    )
+    # The body first, as FastAPI checks a declared one: a bad body is 422 whatever the job.
+    body = await read_model(request, context.settings.max_body_bytes, PredictRequest)
     model_sha256, input_shape = await run_in_threadpool(
         _model_of, session=session, team=team, job_id=job_id
     )

@@ -180,3 +180,14 @@ def test_text_uploads_corpus_and_labelled_csv(api: Api) -> None:
         dataset = load_version(store=api.context.store, version=version)
     assert dataset.kind == "text_classification" and "tokenizer" in dataset.meta
     assert _post(api, b"\xff\xfe not utf8", name="bad", fmt="txt").status_code == 422
+
+
+def test_openapi_declares_the_upload_as_a_binary_body(api: Api) -> None:
+    document = api.client.get("/openapi.json").json()
+    upload = document["paths"]["/api/v1/datasets"]["post"]
+    body = upload["requestBody"]
+    assert body["required"] is True
+    assert body["content"] == {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    assert {p["name"] for p in upload["parameters"] if p["in"] == "query"} == {"name", "format"}

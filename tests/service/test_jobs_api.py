@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from service import queue
 from service.models import Job, JobStatus
 from tests.service.conftest import Api
 
@@ -58,6 +60,59 @@ def test_submit_then_read_list_and_cancel(api: Api) -> None:
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     queued = api.client.get("/api/v1/jobs", params={"status": "queued"}, headers=api.a).json()
     assert [j["id"] for j in queued["data"]] == [second["id"]]
+
+
+def _row(api: Api, job_id: int) -> tuple:
+    with api.context.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return (job.status, job.cancel_requested, job.finished_at, job.error, job.attempts)
+
+
+def _claim(api: Api, job_id: int) -> int:
+    """Claim the job as a dispatcher would; its attempt number."""
+    claimed = queue.claim_next_job(
+        session_factory=api.context.session_factory, owner="test", lease_s=60
+    )
+    assert claimed is not None and claimed.id == job_id
+    return claimed.attempt
+
+
+def test_cancelling_a_running_job_asks_it_to_stop(api: Api) -> None:
+    job_id = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()["id"]
+    _claim(api, job_id)
+    for _ in range(2):  # asking again is no conflict: the job has not ended yet
+        response = api.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=api.a)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["status"], body["cancel_requested"]) == ("running", True)
+        assert body["finished_at"] is None
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "failed", "cancelled"])
+def test_cancelling_a_job_that_ended_is_409_and_changes_nothing(api: Api, ending: str) -> None:
+    job_id = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()["id"]
+    if ending == "cancelled":
+        first = api.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=api.a)
+        assert first.status_code == 200 and first.json()["status"] == "cancelled"
+    else:
+        attempt = _claim(api, job_id)
+        assert queue.finish_attempt(
+            session_factory=api.context.session_factory,
+            job_id=job_id,
+            attempt=attempt,
+            status=JobStatus(ending),
+            error="boom" if ending == "failed" else None,
+        )
+    before = _row(api, job_id)
+    assert before[0] == ending
+
+    response = api.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=api.a)
+    assert response.status_code == 409, response.text
+    words = "been cancelled" if ending == "cancelled" else ending
+    assert response.json() == {"detail": f"job {job_id} has already {words}"}
+    assert _row(api, job_id) == before
+    assert before[1] == (ending == "cancelled")  # a finished job was never asked to stop
 
 
 def test_cursor_pagination_walks_every_job_once(api: Api) -> None:
@@ -192,6 +247,98 @@ def test_malformed_and_oversized_bodies(api: Api) -> None:
     too_large = api.client.post("/api/v1/jobs", json=big, headers=api.a)
     assert too_large.status_code == 413
     assert _stored_jobs(api) == 0
+
+
+BAD_PREDICT_BODIES = [
+    ({"input": [[0]]}, ["body", "inputs"], "field required"),
+    ({}, ["body", "inputs"], "field required"),
+    ({"inputs": "abc"}, ["body", "inputs"], "valid list"),
+    ({"inputs": [1], "max_new_tokens": -1}, ["body", "max_new_tokens"], "greater than or equal"),
+    ({"inputs": [1], "temperature": "hot"}, ["body", "temperature"], "valid number"),
+    ({"inputs": [1], "colour": "red"}, ["body", "colour"], "unknown field"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "words"),
+    BAD_PREDICT_BODIES,
+    ids=["misspelt", "empty", "not-a-list", "tokens", "temperature", "extra"],
+)
+def test_bad_predict_body_is_422_naming_the_field(
+    api: Api, body: dict, loc: list, words: str
+) -> None:
+    job_id = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()["id"]
+    # The body is checked before the job, as FastAPI checks a declared body: the
+    # answer is the same for a job without a model yet, another team's and none.
+    for headers, path_id in ((api.a, job_id), (api.b, job_id), (api.a, 999_999)):
+        response = api.client.post(f"/api/v1/jobs/{path_id}/predict", json=body, headers=headers)
+        assert response.status_code == 422, response.text
+        [detail] = response.json()["detail"]
+        assert detail["loc"] == loc and detail["type"] == "value_error"
+        assert words in detail["msg"] and detail["msg"].startswith(f"{loc[-1]}: ")
+    # a good body still reaches the job: it has no model yet
+    good = api.client.post(f"/api/v1/jobs/{job_id}/predict", json={"inputs": [1]}, headers=api.a)
+    assert good.status_code == 404 and "no model yet" in good.json()["detail"]
+
+
+def _unresolved_refs(document: Any) -> list[str]:
+    """Each ``$ref`` (and discriminator mapping) in ``document`` that names nothing in it."""
+
+    def target(ref: str) -> bool:
+        if not ref.startswith("#/"):
+            return False
+        node = document
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            mapping = node.get("discriminator", {}).get("mapping", {})
+            refs.extend(v for v in mapping.values() if isinstance(v, str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(document)
+    assert refs, "the document has no references at all"
+    return [ref for ref in refs if not target(ref)]
+
+
+def test_openapi_declares_the_json_bodies_and_every_ref_resolves(api: Api) -> None:
+    document = api.client.get("/openapi.json").json()
+    paths = document["paths"]
+
+    submit = paths["/api/v1/jobs"]["post"]["requestBody"]
+    assert submit["required"] is True and list(submit["content"]) == ["application/json"]
+    spec = submit["content"]["application/json"]["schema"]
+    assert spec["type"] == "object"
+    assert {"name", "model", "dataset", "optimizer", "training", "resources"} <= set(
+        spec["properties"]
+    )
+    assert set(spec["required"]) == {"name", "dataset", "model", "optimizer"}
+    layers = spec["properties"]["model"]["properties"]["layers"]["items"]
+    dense = next(v for v in layers["oneOf"] if v["properties"]["type"].get("const") == "dense")
+    assert dense["properties"]["units"]["minimum"] == 1 and "units" in dense["required"]
+    assert layers["discriminator"]["propertyName"] == "type"
+
+    predict = paths["/api/v1/jobs/{job_id}/predict"]["post"]["requestBody"]
+    assert predict["required"] is True and list(predict["content"]) == ["application/json"]
+    inputs = predict["content"]["application/json"]["schema"]
+    assert inputs["required"] == ["inputs"]
+    assert inputs["properties"]["inputs"]["type"] == "array"
+    assert inputs["properties"]["max_new_tokens"]["minimum"] == 0
+
+    assert _unresolved_refs(document) == []
 
 
 ROUTES = [
