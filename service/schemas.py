@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _in_utc(moment: datetime) -> datetime:
+    """The database keeps UTC without a zone; the API says so (``...Z``)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+#: A moment in UTC, written with its zone.
+Moment = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 class _Public(BaseModel):
@@ -17,8 +26,8 @@ class AttemptPublic(_Public):
     status: str
     dispatcher: str
     error: str | None
-    started_at: datetime
-    finished_at: datetime | None
+    started_at: Moment
+    finished_at: Moment | None
 
 
 class JobPublic(_Public):
@@ -34,9 +43,9 @@ class JobPublic(_Public):
     cancel_requested: bool
     error: str | None
     final_metrics: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Moment
+    started_at: Moment | None
+    finished_at: Moment | None
 
 
 class JobDetail(JobPublic):
@@ -62,7 +71,7 @@ class DatasetPublic(_Public):
     input_shape: list[int]
     num_classes: int | None
     num_samples: int
-    created_at: datetime
+    created_at: Moment
 
 
 class DatasetsPublic(BaseModel):
@@ -76,7 +85,7 @@ class CheckpointPublic(_Public):
     attempt: int
     sha256: str
     size_bytes: int
-    created_at: datetime
+    created_at: Moment
 
 
 class CheckpointsPublic(BaseModel):

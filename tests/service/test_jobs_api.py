@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -37,6 +38,18 @@ def _job(**changes: object) -> dict:
 def _stored_jobs(api: Api) -> int:
     with api.context.session_factory() as session:
         return session.scalar(select(func.count()).select_from(Job)) or 0
+
+
+def test_moments_are_utc_and_say_so(api: Api) -> None:
+    before = datetime.now(UTC)
+    job = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()
+    cancelled = api.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=api.a).json()
+    dataset = api.client.get("/api/v1/datasets/digits", headers=api.a).json()["data"][0]
+    after = datetime.now(UTC)
+    for text in (job["created_at"], cancelled["finished_at"]):
+        assert text.endswith("Z")
+        assert before <= datetime.fromisoformat(text) <= after
+    assert dataset["created_at"].endswith("Z")
 
 
 def test_submit_then_read_list_and_cancel(api: Api) -> None:
