@@ -14,7 +14,7 @@ from core.errors import SpecError
 from core.layers import LAYERS, Layer, ShapeError
 from core.layers.base import GroupTree, is_image
 from core.losses import check_loss_fits
-from core.spec import ModelSpec, parse_model_spec
+from core.spec import EmbeddingSpec, ModelSpec, parse_model_spec
 
 Shape = tuple[int, ...]
 _HE_ACTIVATIONS = ("relu", "leaky_relu")
@@ -104,7 +104,13 @@ class ModelSummary:
         return "\n".join(lines)
 
 
-def _infer_layers(spec: ModelSpec, input_shape: Shape, num_classes: int | None) -> list[Layer]:
+def _infer_layers(
+    spec: ModelSpec,
+    input_shape: Shape,
+    num_classes: int | None,
+    label_shape: Shape | None = None,
+    vocab_size: int | None = None,
+) -> list[Layer]:
     layers: list[Layer] = []
     shape = tuple(int(d) for d in input_shape)
     for index, layer_spec in enumerate(spec.layers):
@@ -128,17 +134,41 @@ def _infer_layers(spec: ModelSpec, input_shape: Shape, num_classes: int | None) 
                 layer_type=layer_spec.type,
                 field="type",
             )
+        if (
+            vocab_size is not None
+            and isinstance(layer_spec, EmbeddingSpec)
+            and layer_spec.vocab_size < vocab_size
+        ):
+            raise SpecError(
+                f"vocab_size {layer_spec.vocab_size} is smaller than the dataset's vocabulary "
+                f"of {vocab_size} tokens (ids 0 to {vocab_size - 1}): it must be at least "
+                f"{vocab_size}",
+                layer=index,
+                layer_type=layer_spec.type,
+                field="vocab_size",
+            )
         layers.append(layer)
-    check_loss_fits(spec.loss, shape, num_classes)
+    check_loss_fits(spec.loss, shape, num_classes, label_shape)
     return layers
 
 
 def summarize(
-    spec: ModelSpec | dict[str, Any], input_shape: Shape, num_classes: int | None = None
+    spec: ModelSpec | dict[str, Any],
+    input_shape: Shape,
+    num_classes: int | None = None,
+    *,
+    label_shape: Shape | None = None,
+    vocab_size: int | None = None,
 ) -> ModelSummary:
-    """Shapes, parameters and FLOPs of a spec, without allocating anything."""
+    """Shapes, parameters and FLOPs of a spec, without allocating anything.
+
+    What is known of the dataset is checked too: ``num_classes`` and ``label_shape``
+    (one sample's targets, see :func:`core.losses.check_loss_fits`) against the loss,
+    and ``vocab_size`` (how many token ids a text dataset's inputs use) against the
+    embedding's.
+    """
     model_spec = parse_model_spec(spec)
-    layers = _infer_layers(model_spec, input_shape, num_classes)
+    layers = _infer_layers(model_spec, input_shape, num_classes, label_shape, vocab_size)
     return ModelSummary(
         input_shape=tuple(input_shape),
         layers=tuple(
@@ -380,16 +410,18 @@ def build_model(
     dtype: str = "float32",
     device: str = "cpu",
     num_classes: int | None = None,
+    label_shape: Shape | None = None,
+    vocab_size: int | None = None,
 ) -> Model:
     """A model from its spec, shapes inferred from ``input_shape`` (per sample).
 
     Raises :class:`SpecError` naming the layer and field when the spec is invalid
-    or does not fit the input (or ``num_classes``, when given).
+    or does not fit the input (or what is given of the dataset, as :func:`summarize`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     model_spec = parse_model_spec(spec)
-    layers = _infer_layers(model_spec, tuple(input_shape), num_classes)
+    layers = _infer_layers(model_spec, tuple(input_shape), num_classes, label_shape, vocab_size)
     xp = get_xp(device)
     for index, layer in enumerate(layers):
         layer.needs_input_grad = index > 0

@@ -178,6 +178,11 @@ class ScheduleSpec(_Spec):
     min_lr: float = Field(default=0.0, ge=0.0, le=10.0)
 
 
+#: A decay rate of Adam's moment estimates, in [0, 1) as ``torch.optim.Adam`` demands:
+#: at 1 the bias correction ``1 / (1 - beta ** t)`` divides by zero.
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class _OptimizerBase(_Spec):
     lr: float = Field(gt=0.0, le=10.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -193,14 +198,14 @@ class SgdSpec(_OptimizerBase):
 
 class AdamSpec(_OptimizerBase):
     type: Literal["adam"]
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0, le=1.0)
 
 
 class AdamWSpec(_OptimizerBase):
     type: Literal["adamw"]
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0, le=1.0)
 
 

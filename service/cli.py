@@ -132,6 +132,7 @@ def _up(args: argparse.Namespace) -> int:
     resources = roles.start_ray(settings)
     context.needs_ray = True
     context.cluster_workers = int(resources.get("CPU", 1))
+    context.cluster_gpus = int(resources.get("GPU", 0))
     stop = threading.Event()
     roles.run_dispatchers(context, count=args.dispatchers, runner=roles.job_runner(), stop=stop)
     url = f"http://{args.host}:{args.port}"

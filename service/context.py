@@ -21,6 +21,8 @@ class ServiceContext:
     store: ArtifactStore
     #: Workers the cluster can ever give one job; None when no Ray is attached.
     cluster_workers: int | None = None
+    #: GPUs in the cluster; None when unknown (no Ray attached, or not asked).
+    cluster_gpus: int | None = None
     #: Whether /readyz must also see Ray (embedded mode and dispatchers).
     needs_ray: bool = False
     #: Dataset resolutions and parameter counts that validating submissions reuses.
@@ -30,16 +32,20 @@ class ServiceContext:
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceContext:
         engine = make_engine(settings.resolved_database_url())
+        store = ArtifactStore(settings.resolved_artifact_dir())
         return cls(
             settings=settings,
             engine=engine,
             session_factory=make_sessionmaker(engine),
-            store=ArtifactStore(settings.resolved_artifact_dir()),
+            store=store,
             cluster_workers=settings.max_cluster_workers,
+            submissions=SubmissionCache(store=store),
         )
 
     @property
     def limits(self) -> Limits:
         return Limits(
-            max_total_params=self.settings.max_total_params, cluster_workers=self.cluster_workers
+            max_total_params=self.settings.max_total_params,
+            cluster_workers=self.cluster_workers,
+            cluster_gpus=self.cluster_gpus,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core import JobSpec, SpecError, parse_job_spec, summarize
+from core.data import DatasetUnavailable, load_dataset
+from core.text import TEXT_CLASSIFICATION, TEXT_LM, Tokenizer
 from service import queue
-from service.datasets import resolve_version, resolved_id
+from service.artifacts import ArtifactStore
+from service.datasets import load_version, resolve_version, resolved_id
 from service.db import begin_single_write, begin_write, utcnow
 from service.errors import Conflict, Invalid, NotFound
 from service.models import Attempt, DatasetVersion, Job, JobStatus, Team
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,8 @@ class Limits:
     max_total_params: int
     #: Workers the cluster can ever give a job; None when unknown.
     cluster_workers: int | None
+    #: GPUs in the cluster (a GPU worker takes one); None when unknown.
+    cluster_gpus: int | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,11 @@ class ChosenDataset:
     version: int
     input_shape: tuple[int, ...]
     num_classes: int | None
+    #: One sample's targets: () one label or number, (time,) one label per token; None
+    #: when unknown.
+    label_shape: tuple[int, ...] | None
+    #: How many token ids a text dataset's inputs use; None for other datasets, or unknown.
+    vocab_size: int | None
 
 
 #: Entries each map of a :class:`SubmissionCache` holds before it starts over.
@@ -51,11 +64,15 @@ class SubmissionCache:
     and stores nothing when the cached choice no longer holds, and the submission
     then resolves it afresh. Parameter counts depend only on the model spec and
     the dataset's shapes.
+
+    With a ``store``, uploads are read where their row does not say what a submission
+    checks (see :func:`_targets_and_vocabulary`); without, those checks are skipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store: ArtifactStore | None = None) -> None:
+        self.store = store
         self._datasets: dict[tuple[int, str, int | None], ChosenDataset] = {}
-        self._params: dict[tuple[str, tuple[int, ...], int | None], int] = {}
+        self._params: dict[tuple[Any, ...], int] = {}
 
     def dataset(self, team_id: int, name: str, version: int | None) -> ChosenDataset | None:
         return self._datasets.get((team_id, name, version))
@@ -73,18 +90,26 @@ class SubmissionCache:
     def params(self, spec: JobSpec, stored: dict[str, Any], dataset: ChosenDataset) -> int:
         """Total parameters of the job's model (``stored`` is its spec as stored) on
         ``dataset``; raises :class:`SpecError` when the layers do not fit its shapes."""
-        key = (json.dumps(stored["model"]), dataset.input_shape, dataset.num_classes)
+        key = (
+            json.dumps(stored["model"]),
+            dataset.input_shape,
+            dataset.num_classes,
+            dataset.label_shape,
+            dataset.vocab_size,
+        )
         params = self._params.get(key)
         if params is None:
-            params = summarize(spec.model, dataset.input_shape, dataset.num_classes).params
+            params = summarize(
+                spec.model,
+                dataset.input_shape,
+                dataset.num_classes,
+                label_shape=dataset.label_shape,
+                vocab_size=dataset.vocab_size,
+            ).params
             if len(self._params) >= SUBMISSION_CACHE_ENTRIES:
                 self._params.clear()
             self._params[key] = params
         return params
-
-
-def _invalid_spec(exc: SpecError) -> Invalid:
-    return Invalid(("body", *exc.loc), str(exc))
 
 
 def create_job(
@@ -106,14 +131,14 @@ def create_job(
     try:
         spec = parse_job_spec(body)
     except SpecError as exc:
-        raise _invalid_spec(exc) from None
+        raise Invalid.in_body(exc) from None
     stored = spec.model_dump(mode="json")
     cache = cache if cache is not None else SubmissionCache()
     wanted = (team.id, spec.dataset.name, spec.dataset.version)
     for _ in range(SUBMIT_TRIES):
         dataset = cache.dataset(*wanted)
         if dataset is None:
-            dataset = _choose_dataset(session, team, spec)
+            dataset = _choose_dataset(session, team, spec, cache.store)
             cache.keep_dataset(*wanted, dataset)
         _check_limits(spec, stored, dataset, limits, cache)
         job = _insert_job(session, team, spec, stored, dataset, idempotency_key)
@@ -127,20 +152,62 @@ def create_job(
     raise Conflict(f"dataset {spec.dataset.name!r} kept changing; submit the job again")
 
 
-def _choose_dataset(session: Session, team: Team, spec: JobSpec) -> ChosenDataset:
+def _choose_dataset(
+    session: Session, team: Team, spec: JobSpec, store: ArtifactStore | None
+) -> ChosenDataset:
     version = resolve_version(
         session=session, team=team, name=spec.dataset.name, version=spec.dataset.version
     )
     if version is None:
         what = f"version {spec.dataset.version} of " if spec.dataset.version else ""
         raise Invalid(("body", "dataset", "name"), f"no {what}dataset named {spec.dataset.name!r}")
+    label_shape, vocab_size = _targets_and_vocabulary(version, store)
     return ChosenDataset(
         id=version.id,
         name=version.name,
         version=version.version,
         input_shape=tuple(version.input_shape),
         num_classes=version.num_classes,
+        label_shape=label_shape,
+        vocab_size=vocab_size,
     )
+
+
+def _targets_and_vocabulary(
+    version: DatasetVersion, store: ArtifactStore | None
+) -> tuple[tuple[int, ...] | None, int | None]:
+    """The shape of one sample's targets and a text dataset's vocabulary size, each
+    None when unknown.
+
+    The row says them for a language model's corpus (a next token per input position,
+    the vocabulary its classes) and for class labels otherwise (one per sample). The
+    vocabulary of labelled texts and the targets of a regression are read from the data.
+    """
+    if version.kind == TEXT_LM:
+        return tuple(version.input_shape), version.num_classes
+    label_shape = () if version.num_classes is not None else None
+    if version.kind != TEXT_CLASSIFICATION and label_shape is not None:
+        return label_shape, None
+    try:
+        if version.builtin:
+            dataset = load_dataset(version.name)
+        elif store is not None:
+            dataset = load_version(store=store, version=version)
+        else:
+            return label_shape, None
+    except (DatasetUnavailable, KeyError, OSError, ValueError) as exc:
+        # the run will say what is wrong with the data; the spec is checked as far as known
+        log.warning(
+            "dataset %s v%s unreadable at submission: %s", version.name, version.version, exc
+        )
+        return label_shape, None
+    if version.kind == TEXT_CLASSIFICATION:
+        tokenizer = dataset.meta.get("tokenizer")
+        vocab_size = (
+            Tokenizer.from_json(tokenizer).vocab_size if isinstance(tokenizer, dict) else None
+        )
+        return label_shape, vocab_size
+    return tuple(int(d) for d in dataset.y.shape[1:]), None
 
 
 def _check_limits(
@@ -153,7 +220,7 @@ def _check_limits(
     try:
         params = cache.params(spec, stored, dataset)
     except SpecError as exc:
-        raise _invalid_spec(exc) from None
+        raise Invalid.in_body(exc) from None
     if params > limits.max_total_params:
         raise Invalid(
             ("body", "model", "layers"),
@@ -165,6 +232,19 @@ def _check_limits(
             f"the job needs {spec.resources.workers} workers but the cluster can give at most "
             f"{limits.cluster_workers}",
         )
+    if spec.resources.device == "gpu" and limits.cluster_gpus is not None:
+        if limits.cluster_gpus == 0:
+            raise Invalid(
+                ("body", "resources", "device"),
+                'the cluster has no GPU, so a "gpu" job would wait for one forever: '
+                'use device "cpu"',
+            )
+        if spec.resources.workers > limits.cluster_gpus:
+            raise Invalid(
+                ("body", "resources", "workers"),
+                f"each GPU worker takes a GPU: the job needs {spec.resources.workers} but "
+                f"the cluster has {limits.cluster_gpus}",
+            )
 
 
 #: Columns a submission sets; the others start NULL.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import core
+from core.errors import SpecError
 from core.gradcheck import check_loss, numeric_grad
-from core.losses import LOSSES, correct_count, predictions
+from core.losses import LOSSES, check_loss_fits, correct_count, predictions
 
 GRAD_RTOL = 1e-5
 GRAD_ATOL = 1e-9
@@ -141,3 +142,106 @@ def test_predictions_and_correct_count(
 
 def test_regression_has_no_accuracy() -> None:
     assert correct_count("mse", np.zeros((2, 1)), np.zeros(2)) is None
+
+
+# --- which outputs fit which targets -------------------------------------------------------
+
+BATCH = 4
+#: name -> (num_classes, label_shape): what a dataset's row says of its targets.
+TARGETS: dict[str, tuple[int | None, tuple[int, ...]]] = {
+    "10-classes": (10, ()),  # digits
+    "binary": (2, ()),
+    "per-token": (5, (6,)),  # a language model's corpus: the next token per position
+    "real": (None, ()),  # an .npz upload with float y (N,)
+    "real-vectors": (None, (3,)),  # ... with float y (N, 3)
+}
+OUTPUT_SHAPES = [(1,), (2,), (3,), (5,), (10,), (1, 10), (6,), (6, 1), (6, 5), (2, 3)]
+#: Rejected though the arithmetic runs: the class count must be the dataset's (more logits
+#: than classes run), and binary_cross_entropy's targets are 0/1.
+STRICTER_THAN_ARITHMETIC = ("classes but the last layer gives", "needs 0/1 labels")
+
+
+def _targets(kind: str, rng: np.random.Generator) -> np.ndarray:
+    num_classes, label_shape = TARGETS[kind]
+    if num_classes is None:
+        return rng.standard_normal((BATCH, *label_shape)).astype(np.float32)
+    return rng.integers(0, num_classes, size=(BATCH, *label_shape))
+
+
+def _runs(name: str, output_shape: tuple[int, ...], targets: np.ndarray) -> bool:
+    outputs = np.random.default_rng(0).standard_normal((BATCH, *output_shape))
+    try:
+        core.loss(name, outputs, targets)
+    except (ValueError, IndexError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", list(TARGETS))
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_check_loss_fits_accepts_what_the_loss_can_compute(
+    name: str, kind: str, rng: np.random.Generator
+) -> None:
+    """Every output shape the check accepts, the loss computes on such targets; what it
+    refuses, the loss cannot compute, but for the documented stricter rules."""
+    num_classes, label_shape = TARGETS[kind]
+    targets = _targets(kind, rng)
+    for output_shape in OUTPUT_SHAPES:
+        runs = _runs(name, output_shape, targets)
+        try:
+            check_loss_fits(name, output_shape, num_classes, label_shape)
+        except SpecError as exc:
+            assert exc.loc == ("model", "loss") and exc.field == "loss"
+            assert not runs or any(r in exc.reason for r in STRICTER_THAN_ARITHMETIC), (
+                output_shape,
+                exc.reason,
+            )
+        else:
+            assert runs, f"{name} accepted {output_shape} on {kind} targets but cannot run"
+
+
+@pytest.mark.parametrize(
+    ("name", "output_shape", "kind"),
+    [
+        ("softmax_cross_entropy", (10,), "10-classes"),
+        ("softmax_cross_entropy", (6, 5), "per-token"),
+        ("mse", (1,), "10-classes"),  # a class index regressed as a number
+        ("mse", (1,), "real"),
+        ("mse", (3,), "real-vectors"),
+        ("mse", (6, 1), "per-token"),
+        ("binary_cross_entropy", (1,), "binary"),
+        ("binary_cross_entropy", (3,), "real-vectors"),  # probabilities as targets
+    ],
+)
+def test_combinations_that_train_are_accepted(
+    name: str, output_shape: tuple[int, ...], kind: str
+) -> None:
+    check_loss_fits(name, output_shape, *TARGETS[kind])
+
+
+@pytest.mark.parametrize(
+    ("name", "output_shape", "kind", "words"),
+    [
+        ("mse", (10,), "10-classes", "to classify 10 classes use softmax_cross_entropy"),
+        ("binary_cross_entropy", (10,), "10-classes", "10 classes: use softmax_cross_entropy"),
+        ("binary_cross_entropy", (1,), "10-classes", "needs 0/1 labels"),
+        ("binary_cross_entropy", (2,), "binary", "one output per 0/1 label"),
+        ("softmax_cross_entropy", (2,), "real", "real numbers: use mse"),
+        ("mse", (2,), "real-vectors", "targets (3,) per sample, so mse needs 3 outputs"),
+        ("softmax_cross_entropy", (5,), "per-token", "needs logits (6, 5) per sample"),
+    ],
+)
+def test_check_loss_fits_says_what_would_fit(
+    name: str, output_shape: tuple[int, ...], kind: str, words: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        check_loss_fits(name, output_shape, *TARGETS[kind])
+    assert info.value.loc == ("model", "loss")
+    assert words in str(info.value)
+
+
+def test_check_loss_fits_without_knowing_the_targets_checks_only_the_outputs() -> None:
+    """Callers that know only the classes (or nothing) are not refused what may fit."""
+    check_loss_fits("mse", (10,), 10)
+    check_loss_fits("softmax_cross_entropy", (5,), None)
+    check_loss_fits("binary_cross_entropy", (3,), None)

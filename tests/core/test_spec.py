@@ -26,7 +26,7 @@ def _build_error(spec: dict[str, Any], input_shape: tuple[int, ...] = DIGITS, **
         build_model(spec, input_shape, **kwargs)
     # summarize() validates the same way without allocating anything
     with pytest.raises(SpecError) as again:
-        summarize(spec, input_shape, kwargs.get("num_classes"))
+        summarize(spec, input_shape, **kwargs)
     assert str(again.value) == str(info.value)
     return info.value
 
@@ -129,6 +129,59 @@ def test_binary_cross_entropy_on_a_binary_label_needs_one_output() -> None:
         _model(*FLAT, {"type": "dense", "units": 2}, loss="binary_cross_entropy"), num_classes=2
     )
     assert err.field == "loss" and "one output" in str(err)
+
+
+def test_loss_must_fit_the_dataset_labels() -> None:
+    """digits' integer labels: mse regresses one number per sample, and
+    binary_cross_entropy takes 0/1 labels, not 10 classes."""
+    mse = _build_error(_model(*FLAT, *HEAD, loss="mse"), num_classes=10, label_shape=())
+    assert mse.loc == ("model", "loss") and mse.field == "loss" and mse.layer is None
+    assert "1 output per sample" in str(mse) and "softmax_cross_entropy" in str(mse)
+    bce = _build_error(
+        _model(*FLAT, *HEAD, loss="binary_cross_entropy"), num_classes=10, label_shape=()
+    )
+    assert bce.loc == ("model", "loss")
+    assert "10 classes: use softmax_cross_entropy" in str(bce)
+    # one number per sample fits the labels, as it did before
+    one = _model(*FLAT, {"type": "dense", "units": 1}, loss="mse")
+    build_model(one, DIGITS, num_classes=10, label_shape=())
+
+
+TEXT = (12,)
+
+
+def _text_model(vocab_size: int) -> dict[str, Any]:
+    return _model(
+        {"type": "embedding", "vocab_size": vocab_size, "dim": 4},
+        {"type": "mean_pool"},
+        {"type": "dense", "units": 2},
+    )
+
+
+def test_embedding_vocab_size_must_cover_the_dataset_vocabulary() -> None:
+    err = _build_error(_text_model(10), TEXT, num_classes=2, vocab_size=88)
+    assert err.loc == ("model", "layers", 0, "vocab_size")
+    assert (err.layer, err.layer_type, err.field) == (0, "embedding", "vocab_size")
+    assert str(err).startswith("model.layers[0].vocab_size (embedding): vocab_size 10 ")
+    assert "vocabulary of 88 tokens" in str(err) and "at least 88" in str(err)
+    build_model(_text_model(88), TEXT, num_classes=2, vocab_size=88)
+    build_model(_text_model(10), TEXT, num_classes=2)  # vocabulary unknown: not checked
+
+
+@pytest.mark.parametrize(
+    ("betas", "index"),
+    [((1.0, 2.0), 0), ((0.9, 1.0), 1), ((-0.1, 0.999), 0), ((float("nan"), 0.999), 0)],
+    ids=["one", "second-one", "negative", "nan"],
+)
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_adam_betas_lie_in_zero_to_one(kind: str, betas: tuple[float, float], index: int) -> None:
+    """As torch.optim.Adam: "Invalid beta parameter at index 0"; a beta of 1 divides by zero."""
+    model = build_model(_model(*FLAT, *HEAD), DIGITS)
+    with pytest.raises(SpecError) as info:
+        build_optimizer({"type": kind, "lr": 0.001, "betas": betas}, model)
+    assert info.value.loc == ("optimizer", "betas", index) and info.value.field == "betas"
+    assert str(info.value).startswith(f"optimizer.betas[{index}]: ")
+    build_optimizer({"type": kind, "lr": 0.001, "betas": (0.0, 0.99)}, model)
 
 
 def test_unknown_loss() -> None:

@@ -61,7 +61,9 @@ def service(context: ServiceContext, ray_session: None) -> Iterator[Service]:
     import ray
 
     context.needs_ray = True
-    context.cluster_workers = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    context.cluster_workers = int(resources.get("CPU", 1))
+    context.cluster_gpus = int(resources.get("GPU", 0))
     with context.session_factory() as session:
         register_builtins(session=session)
         _, token = create_token(session=session, team_name="e2e")
