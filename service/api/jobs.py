@@ -18,6 +18,7 @@ from service import jobs as job_service
 from service import results
 from service.api.body import json_body_openapi, read_json_object, read_model
 from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
+from service.artifacts import ArtifactStore
 from service.datasets import resolve_version
 from service.errors import NotFound
 from service.models import TERMINAL_STATUSES, Job, JobStatus, Team
@@ -140,17 +141,35 @@ def get_checkpoints(job_id: int, session: SessionDep, team: TeamDep) -> Checkpoi
     )
 
 
+@router.get("/{job_id}/checkpoints/{epoch}")
+def download_checkpoint(
+    job_id: int, epoch: int, session: SessionDep, team: TeamDep, store: StoreDep
+) -> Response:
+    """The ``.npz`` saved at the end of ``epoch``: weights, optimizer, RNG, position."""
+    job = job_service.get_job(session=session, team=team, job_id=job_id)
+    rows = results.list_checkpoints(session=session, job=job)  # one a epoch: a few
+    checkpoint = next((row for row in rows if row.epoch == epoch), None)
+    if checkpoint is None:
+        raise NotFound(f"job {job_id} has no checkpoint of epoch {epoch}")
+    return _npz_download(store, checkpoint.sha256, f"job-{job.id}-epoch-{epoch}.npz")
+
+
 @router.get("/{job_id}/model")
 def download_model(job_id: int, session: SessionDep, team: TeamDep, store: StoreDep) -> Response:
     job = job_service.get_job(session=session, team=team, job_id=job_id)
     if job.model_sha256 is None:
         raise NotFound(f"job {job_id} has no model yet (status {job.status})")
+    return _npz_download(store, job.model_sha256, f"job-{job.id}-model.npz")
+
+
+def _npz_download(store: ArtifactStore, sha256: str, filename: str) -> Response:
+    """A stored ``.npz`` as a download; its digest is its ETag (it never changes)."""
     return Response(
-        store.get(job.model_sha256),
+        store.get(sha256),
         media_type="application/octet-stream",
         headers={
-            "Content-Disposition": f'attachment; filename="job-{job.id}-model.npz"',
-            "ETag": f'"{job.model_sha256}"',
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "ETag": f'"{sha256}"',
         },
     )
 

@@ -79,6 +79,16 @@ def test_digits_cnn_on_two_ray_workers_over_http(service: Service, dispatchers) 
 
     checkpoints = service.http.get(f"/api/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert [c["epoch"] for c in checkpoints] == [5, 10, 15]
+    middle = service.http.get(f"/api/v1/jobs/{job_id}/checkpoints/10")
+    assert middle.status_code == 200 and middle.headers["ETag"] == f'"{checkpoints[1]["sha256"]}"'
+    assert len(middle.content) == checkpoints[1]["size_bytes"]
+    with np.load(io.BytesIO(middle.content), allow_pickle=False) as state:
+        assert state["trainer/epoch"] == 10 and state["model/0.W"].shape == (16, 1, 3, 3)
+    missing = service.http.get(f"/api/v1/jobs/{job_id}/checkpoints/7")
+    assert (missing.status_code, missing.json()) == (
+        404,
+        {"detail": f"job {job_id} has no checkpoint of epoch 7"},
+    )
     model = service.http.get(f"/api/v1/jobs/{job_id}/model")
     with np.load(io.BytesIO(model.content), allow_pickle=False) as state:
         assert state["model/0.W"].shape == (16, 1, 3, 3)
