@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from core.errors import SpecError
 
@@ -192,8 +192,20 @@ class _OptimizerBase(_Spec):
 class SgdSpec(_OptimizerBase):
     type: Literal["sgd"]
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
-    nesterov: bool = False
     dampening: float = Field(default=0.0, ge=0.0, le=1.0)
+    nesterov: bool = False
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, nesterov: bool, info: ValidationInfo) -> bool:
+        # as torch.optim.SGD: without momentum, or with dampening, it would be another rule
+        momentum, dampening = info.data.get("momentum"), info.data.get("dampening")
+        if nesterov and (not momentum or dampening):
+            raise ValueError(
+                f"nesterov needs momentum > 0 and dampening 0, got momentum {momentum} and "
+                f"dampening {dampening}"
+            )
+        return nesterov
 
 
 class AdamSpec(_OptimizerBase):
@@ -326,4 +338,6 @@ def _reason(error: Any) -> str:
         return "unknown field"
     if kind == "missing":
         return "field required"
+    if kind == "value_error":  # a validator's own words, without pydantic's "Value error, "
+        return str(error.get("ctx", {}).get("error", error["msg"]))
     return str(error["msg"])

@@ -184,6 +184,25 @@ def test_adam_betas_lie_in_zero_to_one(kind: str, betas: tuple[float, float], in
     build_optimizer({"type": kind, "lr": 0.001, "betas": (0.0, 0.99)}, model)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"nesterov": True}, {"nesterov": True, "momentum": 0.9, "dampening": 0.1}],
+    ids=["no-momentum", "dampening"],
+)
+def test_nesterov_needs_momentum_and_no_dampening(settings: dict[str, Any]) -> None:
+    """As torch.optim.SGD ("Nesterov momentum requires a momentum and zero dampening"):
+    otherwise the update would silently be another rule."""
+    model = build_model(_model(*FLAT, *HEAD), DIGITS)
+    with pytest.raises(SpecError) as info:
+        build_optimizer({"type": "sgd", "lr": 0.1, **settings}, model)
+    momentum, dampening = settings.get("momentum", 0.0), settings.get("dampening", 0.0)
+    assert str(info.value) == (
+        f"optimizer.nesterov: nesterov needs momentum > 0 and dampening 0, got momentum "
+        f"{momentum} and dampening {dampening}"
+    )
+    build_optimizer({"type": "sgd", "lr": 0.1, "nesterov": True, "momentum": 0.9}, model)
+
+
 def test_unknown_loss() -> None:
     err = _build_error(_model(*FLAT, *HEAD, loss="hinge"))
     assert err.loc == ("model", "loss")
