@@ -102,9 +102,12 @@ def claim_next_job(
                 return None
             if job.status == JobStatus.running:
                 _mark_attempt(session, job.id, job.attempts, AttemptStatus.lost, "lease expired")
-                if job.attempts > job.max_retries:
-                    job.status = JobStatus.failed
-                    job.error = f"lease expired on attempt {job.attempts}; no retries left"
+                if job.cancel_requested or job.attempts > job.max_retries:
+                    if job.cancel_requested:  # asked of the lost attempt: not run again
+                        job.status, job.error = JobStatus.cancelled, "cancelled"
+                    else:
+                        job.status = JobStatus.failed
+                        job.error = f"lease expired on attempt {job.attempts}; no retries left"
                     job.finished_at = now
                     job.lease_owner = None
                     job.lease_expires_at = None

@@ -132,6 +132,30 @@ def test_cancel_queued_job_is_immediate_running_job_is_asked(context: ServiceCon
     assert queue.claim_next_job(session_factory=factory, owner="b", lease_s=LEASE_S) is None
 
 
+def test_a_cancel_asked_of_an_attempt_that_was_lost_ends_the_job(
+    context: ServiceContext,
+) -> None:
+    """Its dispatcher died before it saw the request: the job is cancelled when the
+    lease expires, not run again (nor failed, when it had no retries left)."""
+    factory = context.session_factory
+    for max_retries in (2, 0):
+        (job_id,) = add_jobs(context, priorities=[0], max_retries=max_retries)
+        assert queue.claim_next_job(session_factory=factory, owner="a", lease_s=LEASE_S)
+        with factory() as session:
+            queue.cancel_job(session=session, job=session.get(Job, job_id))
+        later = utcnow() + timedelta(seconds=LEASE_S + 1)
+        assert (
+            queue.claim_next_job(session_factory=factory, owner="b", lease_s=LEASE_S, now=later)
+            is None
+        )
+        with factory() as session:
+            job = session.get(Job, job_id)
+            assert (job.status, job.error, job.attempts) == (JobStatus.cancelled, "cancelled", 1)
+            assert job.finished_at == later and job.lease_owner is None
+            attempt = session.scalars(select(Attempt).where(Attempt.job_id == job_id)).one()
+            assert (attempt.status, attempt.error) == (AttemptStatus.lost, "lease expired")
+
+
 def test_tokens_are_stored_hashed(context: ServiceContext) -> None:
     with context.session_factory() as session:
         team, token = create_token(session=session, team_name="vision")
