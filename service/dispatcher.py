@@ -2,9 +2,12 @@
 
 Workers never touch the database or the artifact store: the runner hands back
 metrics, checkpoints and the final model through callbacks, and the dispatcher
-writes each of them fenced by the attempt's number. A heartbeat thread renews
-the lease and notices a cancel request or a lost lease, which the runner sees
-through ``should_cancel`` at its next step boundary.
+writes each of them fenced by the attempt's number; the test split's metrics go
+in with the final result, as series at the job's last step. A heartbeat thread
+renews the lease and notices a cancel request or a lost lease, which the runner
+sees through ``should_cancel`` at its next step boundary (or while its workers
+wait for resources). A failed attempt keeps the type and message of the error
+its workers raised; the full traceback goes to the log.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import threading
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +35,10 @@ from service.models import Checkpoint, JobStatus, Team
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0
+#: Longest error an attempt's row keeps; a longer one loses its middle.
+MAX_ERROR_CHARS = 2000
+_ERROR_CUT = " [...] "
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 class LeaseLost(RuntimeError):
@@ -55,6 +62,9 @@ class RunCallbacks:
 class RunOutcome:
     model: bytes
     final_metrics: dict[str, float] = field(default_factory=dict)
+    #: Of the dataset's test split (``test_loss``, ``test_accuracy``); also in
+    #: ``final_metrics``, and written as series at the job's last step.
+    test_metrics: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
 
 
@@ -76,14 +86,10 @@ class _FitCallbacks:
 
     @classmethod
     def for_job(cls, job: JobSpec, dataset: Dataset, callbacks: RunCallbacks) -> _FitCallbacks:
-        from core.data import split_indices
-
-        training = job.training
-        n_train = len(split_indices(len(dataset.X), training.validation_split, training.seed)[0])
         return cls(
             callbacks=callbacks,
-            log_every_steps=training.log_every_steps,
-            steps_per_epoch=math.ceil(n_train / training.batch_size),
+            log_every_steps=job.training.log_every_steps,
+            steps_per_epoch=steps_per_epoch(job, dataset),
         )
 
     def on_step(self, step: int, loss: float) -> None:
@@ -105,6 +111,16 @@ class _FitCallbacks:
         return final
 
 
+def steps_per_epoch(job: JobSpec, dataset: Dataset) -> int:
+    """Optimizer steps in one epoch of ``job``: epoch ``e`` ends at step ``e * this``,
+    whichever attempt runs it."""
+    from core.data import split_indices
+
+    training = job.training
+    n_train = len(split_indices(len(dataset.X), training.validation_split, training.seed)[0])
+    return math.ceil(n_train / training.batch_size)
+
+
 def local_runner(
     *, job: JobSpec, dataset: Dataset, resume: bytes | None, callbacks: RunCallbacks
 ) -> RunOutcome:
@@ -123,7 +139,11 @@ def local_runner(
         )
     except JobCancelled:
         return RunOutcome(model=b"", cancelled=True)
-    return RunOutcome(model=result.trainer.save(), final_metrics=adapter.final_metrics(result.test))
+    return RunOutcome(
+        model=result.trainer.save(),
+        final_metrics=adapter.final_metrics(result.test),
+        test_metrics=result.test,
+    )
 
 
 def ray_runner(
@@ -149,7 +169,28 @@ def ray_runner(
         )
     except (JobCancelled, JobCancelledError):
         return RunOutcome(model=b"", cancelled=True)
-    return RunOutcome(model=result.checkpoint, final_metrics=adapter.final_metrics(result.test))
+    return RunOutcome(
+        model=result.checkpoint,
+        final_metrics=adapter.final_metrics(result.test),
+        test_metrics=result.test,
+    )
+
+
+def attempt_error(exc: BaseException) -> str:
+    """What a failed attempt's row says of ``exc``: the type and message of the error
+    its workers raised (Ray's wrappers and their tracebacks taken off), without
+    terminal colours, and at most ``MAX_ERROR_CHARS`` long: a longer one keeps its
+    start and its end, where a message's last line usually says what went wrong."""
+    from workers.errors import root_cause
+
+    cause = root_cause(exc)
+    message = _TERMINAL_ESCAPE.sub("", str(cause)).strip()
+    error = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    if len(error) > MAX_ERROR_CHARS:
+        head = MAX_ERROR_CHARS // 4
+        tail = MAX_ERROR_CHARS - head - len(_ERROR_CUT)
+        error = error[:head] + _ERROR_CUT + error[-tail:]
+    return error
 
 
 class Dispatcher:
@@ -221,12 +262,9 @@ class _Attempt:
         except LeaseLost:
             log.warning("job %s attempt %s lost its lease", self.claimed.id, self.claimed.attempt)
         except Exception as exc:  # the attempt fails; the queue decides about a retry
+            # The log keeps the whole story (a worker's error carries its traceback).
             log.exception("job %s attempt %s failed", self.claimed.id, self.claimed.attempt)
-            error = f"{type(exc).__name__}: {exc}"
-            if len(error) > 2000:
-                error = error[:2000]
-            queue.fail_attempt(**self.fence, error=error, retry=self.dispatcher.retry)
-            log.debug("%s", traceback.format_exc())
+            queue.fail_attempt(**self.fence, error=attempt_error(exc), retry=self.dispatcher.retry)
         finally:
             self.done.set()
             heartbeat.join(timeout=5)
@@ -289,11 +327,13 @@ class _Attempt:
             queue.finish_attempt(**self.fence, status=JobStatus.cancelled, error="cancelled")
             return
         sha256 = self.context.store.put(outcome.model)
+        last_step = job.training.epochs * steps_per_epoch(job, dataset)
         if not queue.finish_attempt(
             **self.fence,
             status=JobStatus.succeeded,
             final_metrics=outcome.final_metrics,
             model_sha256=sha256,
+            metrics=[(name, last_step, value) for name, value in outcome.test_metrics.items()],
         ):
             raise LeaseLost
 

@@ -187,14 +187,19 @@ def finish_attempt(
     error: str | None = None,
     final_metrics: dict[str, float] | None = None,
     model_sha256: str | None = None,
+    metrics: Iterable[tuple[str, int, float]] = (),
 ) -> bool:
-    """End a job from its running attempt (succeeded, cancelled or failed for good)."""
+    """End a job from its running attempt (succeeded, cancelled or failed for good),
+    with ``(name, step, value)`` metric rows written in the same transaction (a
+    stale attempt writes none of it; rows that exist stay, as in :func:`write_metrics`).
+    False when the attempt no longer owns the job."""
     attempt_status = {
         JobStatus.succeeded: AttemptStatus.succeeded,
         JobStatus.cancelled: AttemptStatus.cancelled,
         JobStatus.failed: AttemptStatus.failed,
     }[status]
-    with session_factory() as session:
+    batch = list(metrics)
+    with write_lock_session(session_factory) as session:
         now = utcnow()
         values: dict[str, Any] = {
             "status": status,
@@ -210,8 +215,9 @@ def finish_attempt(
         done = session.connection().execute(
             update(Job).where(_fenced(job_id, attempt)).values(**values)
         )
-        if done.rowcount:
+        if done.rowcount:  # the job's row is this attempt's, and locked until the commit
             _mark_attempt(session, job_id, attempt, attempt_status, error)
+            _insert_metrics(session, job_id, attempt, batch)
         session.commit()
         return bool(done.rowcount)
 
@@ -313,6 +319,45 @@ def _insert_for(session: Session) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
+def _insert_metrics(
+    session: Session, job_id: int, attempt: int, batch: list[tuple[str, int, float]]
+) -> None:
+    """The rows of :func:`write_metrics`, in the caller's transaction."""
+    if batch and session.get_bind().dialect.name == "postgresql":
+        # One statement over three arrays: PostgreSQL inserts the batch as a set
+        # rather than row by row.
+        names, steps, values = zip(*batch, strict=True)
+        session.connection().execute(
+            _metrics_from_arrays(),
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "created_at": utcnow(),
+                "names": list(names),
+                "steps": [int(step) for step in steps],
+                "values": [float(value) for value in values],
+            },
+        )
+    elif batch:
+        statement = sqlite.insert(Metric).on_conflict_do_nothing(
+            index_elements=["job_id", "name", "step"]
+        )
+        # executemany: sqlite3 loops over the rows in C
+        session.connection().execute(
+            statement,
+            [
+                {
+                    "job_id": job_id,
+                    "name": name,
+                    "step": int(step),
+                    "value": float(value),
+                    "attempt": attempt,
+                }
+                for name, step, value in batch
+            ],
+        )
+
+
 @functools.cache
 def _metrics_from_arrays() -> Any:
     """``INSERT INTO metrics ... SELECT ... FROM unnest(:names, :steps, :values)``,
@@ -356,38 +401,6 @@ def write_metrics(
     with write_lock_session(session_factory) as session:
         if not _still_owns(session, job_id, attempt):
             return False
-        if batch and session.get_bind().dialect.name == "postgresql":
-            # One statement over three arrays: PostgreSQL inserts the batch as a set
-            # rather than row by row.
-            names, steps, values = zip(*batch, strict=True)
-            session.connection().execute(
-                _metrics_from_arrays(),
-                {
-                    "job_id": job_id,
-                    "attempt": attempt,
-                    "created_at": utcnow(),
-                    "names": list(names),
-                    "steps": [int(step) for step in steps],
-                    "values": [float(value) for value in values],
-                },
-            )
-        elif batch:
-            statement = sqlite.insert(Metric).on_conflict_do_nothing(
-                index_elements=["job_id", "name", "step"]
-            )
-            # executemany: sqlite3 loops over the rows in C
-            session.connection().execute(
-                statement,
-                [
-                    {
-                        "job_id": job_id,
-                        "name": name,
-                        "step": int(step),
-                        "value": float(value),
-                        "attempt": attempt,
-                    }
-                    for name, step, value in batch
-                ],
-            )
+        _insert_metrics(session, job_id, attempt, batch)
         session.commit()
         return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class WorkersError(RuntimeError):
     """Base of every error raised by ``workers``."""
@@ -59,3 +61,16 @@ class JobCancelledError(WorkersError):
         super().__init__(f"cancelled at epoch {epoch}, step {step}")
         self.epoch = epoch
         self.step = step
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a remote task or actor method raised, out of the ``RayTaskError``
+    that wraps it at each remote call it crossed; ``exc`` itself when Ray wrapped nothing.
+    """
+    # An exception can only be Ray's once Ray is loaded: no need to import it here.
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is None:
+        return exc
+    while isinstance(exc, ray_exceptions.RayTaskError) and exc.cause not in (None, exc):
+        exc = exc.cause
+    return exc

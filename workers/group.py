@@ -2,10 +2,10 @@
 
 ``WorkerGroup.start`` reserves one bundle per worker, creates an actor of a
 plain class in each (``ray.remote`` is applied here, not on the class), and
-waits until every actor answers. Anything that fails on the way tears down
-what was created and raises a typed error. Once running, calls go to every
-worker at once; a worker process that dies surfaces as
-:class:`WorkerFailedError` naming its rank.
+waits until every actor answers, giving up when its caller asks it to stop.
+Anything that fails on the way tears down what was created and raises a typed
+error. Once running, calls go to every worker at once; a worker process that
+dies surfaces as :class:`WorkerFailedError` naming its rank.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.allreduce import AllReduceSetup, LeaderExchange, Topology
-from workers.config import WORKER_STARTUP_TIMEOUT_S
+from workers.config import CANCEL_POLL_INTERVAL_S, WORKER_STARTUP_TIMEOUT_S
 from workers.errors import (
     AllReduceTimeoutError,
     WorkerFailedError,
@@ -93,6 +93,7 @@ class WorkerGroup:
         resources_per_worker: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
         placement_strategy: PlacementStrategy = "PACK",
         startup_timeout_s: float = WORKER_STARTUP_TIMEOUT_S,
+        should_stop: Callable[[], bool] | None = None,
     ) -> WorkerGroup:
         """Reserve, create and start ``num_workers`` actors of ``worker_cls``.
 
@@ -102,6 +103,9 @@ class WorkerGroup:
         Raises :class:`WorkerGroupStartupTimeoutError` when the resources or the
         actors are not ready within ``startup_timeout_s``, and
         :class:`WorkerGroupStartupError` when an actor fails to start.
+        ``should_stop`` is asked every ``CANCEL_POLL_INTERVAL_S`` while it waits;
+        when it answers true the start ends with :class:`StopRequested`. Whatever
+        ends a start before the group runs releases its actors and its placement group.
         """
         if num_workers < 1:
             raise ValueError("a worker group needs at least one worker")
@@ -113,13 +117,10 @@ class WorkerGroup:
         placement = placement_group(bundles, strategy=placement_strategy, name=name)
         actors: list[Any] = []
         try:
-            try:
-                ray.get(placement.ready(), timeout=startup_timeout_s)
-            except GetTimeoutError:
+            if not _wait_for([placement.ready()], deadline, should_stop):
                 raise WorkerGroupStartupTimeoutError(
-                    f"{num_workers} workers ({bundles[0]} each, {placement_strategy}) "
-                    f"were not placed within {startup_timeout_s:g} s; the cluster lacks resources"
-                ) from None
+                    _unplaceable(num_workers, bundles, placement_strategy, startup_timeout_s)
+                )
             remote_cls: Any = ray.remote(worker_cls)
             actor_names = [f"{name}-rank{rank}" for rank in range(num_workers)]
             for rank, bundle in enumerate(bundles):
@@ -137,12 +138,11 @@ class WorkerGroup:
                 )
             refs = [actor.info.remote() for actor in actors]
             try:
-                remaining = max(deadline - time.monotonic(), 0.0)
-                infos = ray.get(refs, timeout=remaining)
-            except GetTimeoutError:
-                raise WorkerGroupStartupTimeoutError(
-                    f"{num_workers} workers did not start within {startup_timeout_s:g} s"
-                ) from None
+                if not _wait_for(refs, deadline, should_stop):
+                    raise WorkerGroupStartupTimeoutError(
+                        f"{num_workers} workers did not start within {startup_timeout_s:g} s"
+                    )
+                infos = ray.get(refs)
             except RayActorError as exc:
                 raise WorkerGroupStartupError(f"a worker failed to start: {exc}") from exc
         except BaseException:
@@ -301,6 +301,66 @@ class WorkerGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _wait_for(refs: list[Any], deadline: float, should_stop: Callable[[], bool] | None) -> bool:
+    """Wait until every one of ``refs`` is ready; False when ``deadline`` (monotonic)
+    comes first. Raises what a ready one holds (an actor that failed to start) at once,
+    and :class:`StopRequested` when ``should_stop``, asked every
+    ``CANCEL_POLL_INTERVAL_S``, answers true."""
+    pending = list(refs)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, pending = ray.wait(
+            pending, num_returns=len(pending), timeout=min(CANCEL_POLL_INTERVAL_S, remaining)
+        )
+        ray.get(ready)
+        if pending and should_stop is not None and should_stop():
+            raise StopRequested
+    return True
+
+
+def _unplaceable(
+    num_workers: int, bundles: list[dict[str, float]], strategy: str, timeout_s: float
+) -> str:
+    """Why a placement group was not ready in time: what it asked for, what the cluster has."""
+    if all(bundle == bundles[0] for bundle in bundles):
+        wanted = f"{num_workers} workers with {_amounts(bundles[0])} each"
+    else:
+        total: Counter[str] = Counter()
+        for bundle in bundles:
+            total.update(bundle)
+        wanted = f"{num_workers} workers with {_amounts(total)} in all"
+    message = f"{wanted} ({strategy}) could not be placed within {timeout_s:g} s"
+    try:
+        have, free = ray.cluster_resources(), ray.available_resources()
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    except Exception:  # the cluster is going away: say what is known
+        return message
+    kinds = ["CPU", "GPU", *sorted({k for b in bundles for k in b} - {"CPU", "GPU"})]
+    parts = [
+        f"{_amount(kind, have.get(kind, 0.0))} ({free.get(kind, 0.0):g} free)"
+        if have.get(kind)
+        else _amount(kind, 0.0)
+        for kind in kinds
+    ]
+    return f"{message}: the cluster has {_listed(parts)} on {nodes} node{'s' * (nodes != 1)}"
+
+
+def _amounts(resources: Mapping[str, float]) -> str:
+    """``{"CPU": 1, "GPU": 1}`` as ``1 CPU and 1 GPU``."""
+    return _listed([_amount(kind, value) for kind, value in resources.items() if value])
+
+
+def _listed(parts: list[str]) -> str:
+    return f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else parts[0]
+
+
+def _amount(kind: str, value: float) -> str:
+    plural = "s" if kind in ("CPU", "GPU") and value != 1 else ""
+    return f"{value:g} {kind}{plural}"
 
 
 def _release(actors: list[Any], placement: PlacementGroup | None) -> None:

@@ -15,8 +15,8 @@ Faults:
   rolls the group back to the last good checkpoint and skips that batch from
   then on; the ``max_divergences``-th time fails the job.
 - ``should_cancel`` is asked at every step boundary (and every ``0.1`` s
-  within a long step); when it answers true every actor is killed and
-  :class:`JobCancelledError` is raised.
+  within a long step, or while a group waits for its resources); when it answers
+  true every actor is killed and :class:`JobCancelledError` is raised.
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ class _JobRun:
             num_gpus_per_worker=1.0 if gpu else 0.0,
             resources_per_worker=self.resources_per_worker,
             placement_strategy=self.placement_strategy,
+            should_stop=self._cancel_requested,  # a job that cannot be placed can be cancelled
         )
         self.group = group
         positions = group.execute(

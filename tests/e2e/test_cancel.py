@@ -1,9 +1,10 @@
-"""Cancelling a job that runs on Ray workers stops it and releases them."""
+"""Cancelling a job that runs on Ray workers, or waits for them, stops it and releases them."""
 
 from __future__ import annotations
 
 import time
 
+from tests.conftest import RAY_NUM_CPUS
 from tests.e2e.conftest import Service
 from tests.e2e.test_full_path import DIGITS_CNN, wait_for
 
@@ -34,3 +35,32 @@ def test_cancel_a_running_job(service: Service, dispatchers) -> None:  # noqa: A
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, ray.available_resources()
         time.sleep(0.2)
+
+
+def test_cancel_a_job_waiting_for_resources(service: Service, dispatchers) -> None:  # noqa: ANN001
+    """A job the cluster cannot place (as on an autoscaling cluster not yet grown, where
+    the API does not know the cluster's size) is cancelled within seconds, not after
+    the workers' start-up timeout."""
+    from ray.util.placement_group import placement_group_table
+
+    def waiting_groups() -> list[str]:
+        return [g["name"] for g in placement_group_table().values() if g["state"] == "PENDING"]
+
+    service.context.settings.heartbeat_s = 0.2
+    service.context.cluster_workers = None
+    dispatchers(1)
+    spec = {**DIGITS_CNN, "name": "unplaceable", "resources": {"workers": RAY_NUM_CPUS + 1}}
+    created = service.http.post("/api/v1/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    while not any(name.startswith("trainq-") for name in waiting_groups()):
+        assert time.monotonic() < deadline, "the job's workers were never asked for"
+        time.sleep(0.1)
+    asked = time.monotonic()
+    assert service.http.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    job = wait_for(service, job_id, ("cancelled", "failed", "succeeded"))
+    assert time.monotonic() - asked < 5.0
+    assert job["status"] == "cancelled"
+    assert [a["status"] for a in job["attempt_history"]] == ["cancelled"]
+    assert not any(name.startswith("trainq-") for name in waiting_groups())

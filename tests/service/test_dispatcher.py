@@ -1,15 +1,18 @@
-"""The dispatcher's write path with the in-process runner (the Ray path is in tests/e2e)."""
+"""The dispatcher's write path with the in-process runner (the Ray path is in tests/e2e),
+and what it keeps of an error raised in a Ray worker."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from core import load_dataset
-from service.dispatcher import Dispatcher
-from service.models import Attempt, AttemptStatus, Job, JobStatus
+from service.dispatcher import MAX_ERROR_CHARS, Dispatcher, attempt_error, ray_runner
+from service.models import Attempt, AttemptStatus, Job, JobStatus, Team
 from tests.service.conftest import Api
 from tests.service.factories import sentiment_classifier
 from tests.service.test_jobs_api import _job
@@ -152,3 +155,74 @@ def test_text_models_answer_texts(api: Api) -> None:
     body = continued.json()
     assert np.asarray(body["outputs"]).shape == (1, vocab)
     assert isinstance(body["predictions"][0], str) and len(body["predictions"][0]) == 8, body
+
+
+def test_the_test_split_metrics_are_series_with_one_point_at_the_last_step(api: Api) -> None:
+    spec = _job(training={"epochs": 2, "batch_size": 128, "log_every_steps": 5})
+    job = api.client.post("/api/v1/jobs", json=spec, headers=api.a).json()
+    assert Dispatcher(api.context).run_once()
+
+    detail = api.client.get(f"/api/v1/jobs/{job['id']}", headers=api.a).json()
+    assert detail["status"] == "succeeded", detail["error"]
+    url = f"/api/v1/jobs/{job['id']}/metrics"
+    series = api.client.get(url, params={"names": "test_accuracy,test_loss,epoch"}, headers=api.a)
+    series = series.json()["series"]
+    last_step = series["epoch"]["steps"][-1]
+    for name in ("test_accuracy", "test_loss"):
+        assert series[name] == {"steps": [last_step], "values": [detail["final_metrics"][name]]}
+
+
+def _queue_unchecked(api: Api, spec: dict, *, max_retries: int) -> int:
+    """A queued job as the dispatcher finds it, without the checks of a submission."""
+    with api.context.session_factory() as session:
+        team = session.scalars(select(Team).where(Team.name == "team-a")).one()
+        job = Job(
+            team_id=team.id,
+            name=spec["name"],
+            status=JobStatus.queued,
+            spec=spec,
+            dataset_name="digits",
+            dataset_version=1,
+            max_retries=max_retries,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_error_raised_in_a_worker_is_stored_as_its_type_and_message(api: Api) -> None:
+    # Digits has 10 classes: the workers refuse to build a model of 5 outputs.
+    spec = copy.deepcopy(_job())
+    spec["model"]["layers"][-1]["units"] = 5
+    job_id = _queue_unchecked(api, spec, max_retries=0)
+    assert Dispatcher(api.context, runner=ray_runner).run_once()
+    with api.context.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.failed
+        error = session.scalars(select(Attempt.error).where(Attempt.job_id == job_id)).one()
+    assert error == job.error
+    assert error.startswith("SpecError: ") and "10 classes" in error and "5 outputs" in error
+    assert "\x1b" not in error and "RayTaskError" not in error and "Traceback" not in error
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_long_worker_error_keeps_its_type_and_its_end() -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def inner() -> None:
+        raise ValueError("many lines\n" * 500 + "the line that says what went wrong")
+
+    @ray.remote(num_cpus=0)
+    def outer() -> None:
+        ray.get(inner.remote())
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(outer.remote())
+    assert "\x1b" in str(raised.value)  # Ray's own message is coloured
+    error = attempt_error(raised.value)
+    assert error.startswith("ValueError: many lines\n")
+    assert error.endswith("\nthe line that says what went wrong")
+    assert len(error) <= MAX_ERROR_CHARS
+    assert "\x1b" not in error and "RayTaskError" not in error

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service import queue
-from service.models import Job
+from service.models import Job, JobStatus
 from service.results import read_series
 from tests.service.conftest import Api
 from tests.service.test_jobs_api import _job
@@ -146,3 +146,38 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
         ("metric", {"name": "val_loss", "step": 10, "value": 0.5}),
         ("status", {"status": "succeeded"}),
     ]
+
+
+def test_the_final_result_and_its_metrics_are_written_together_by_the_owner_only(
+    api: Api,
+) -> None:
+    job_id, attempt = _running_job(api)
+    factory = api.context.session_factory
+
+    def finish(attempt: int, accuracy: float) -> bool:
+        return queue.finish_attempt(
+            session_factory=factory,
+            job_id=job_id,
+            attempt=attempt,
+            status=JobStatus.succeeded,
+            final_metrics={"test_accuracy": accuracy},
+            model_sha256="0" * 64,
+            metrics=[("test_accuracy", 40, accuracy)],
+        )
+
+    def stored() -> tuple[JobStatus, dict | None, dict]:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job.status, job.final_metrics, read_series(session=session, job=job)
+
+    assert not finish(attempt + 1, 0.5)  # not the attempt that owns the job
+    assert stored() == (JobStatus.running, None, {})
+    assert finish(attempt, 0.9)
+    assert stored() == (
+        JobStatus.succeeded,
+        {"test_accuracy": 0.9},
+        {"test_accuracy": [(40, 0.9)]},
+    )
+    assert not finish(attempt, 0.7)  # the job has ended: nothing changes, nothing doubles
+    assert stored()[2] == {"test_accuracy": [(40, 0.9)]}

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from workers.errors import (
     WorkerGroupStartupError,
     WorkerGroupStartupTimeoutError,
 )
-from workers.group import WorkerGroup
+from workers.group import StopRequested, WorkerGroup
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -72,8 +74,26 @@ def test_workers_run_one_blas_thread_whatever_their_node_says() -> None:
 
 def test_resources_that_never_come_time_out_and_leave_nothing_behind() -> None:
     before = placement_groups_alive()
-    with pytest.raises(WorkerGroupStartupTimeoutError, match="not placed"):
+    with pytest.raises(WorkerGroupStartupTimeoutError) as timed_out:
         WorkerGroup.start(2, resources_per_worker={"no_such_accelerator": 1}, startup_timeout_s=1)
+    cpus = ray.cluster_resources()["CPU"]
+    assert re.fullmatch(
+        r"2 workers with 1 CPU and 1 no_such_accelerator each \(PACK\) could not be placed "
+        rf"within 1 s: the cluster has {cpus:g} CPUs \([0-9.]+ free\), 0 GPUs and "
+        r"0 no_such_accelerator on 1 node",
+        str(timed_out.value),
+    ), timed_out.value
+    assert placement_groups_alive() == before
+
+
+def test_a_start_waiting_for_resources_stops_when_asked_and_leaves_nothing_behind() -> None:
+    before = placement_groups_alive()
+    stop_at = time.monotonic() + 0.5
+    with pytest.raises(StopRequested):
+        WorkerGroup.start(
+            int(ray.cluster_resources()["CPU"]) + 1, should_stop=lambda: time.monotonic() > stop_at
+        )
+    assert time.monotonic() - stop_at < 1.0
     assert placement_groups_alive() == before
 
 
