@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypedDict
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import Dataset, JobSpec, parse_job_spec
+from core import Dataset, JobSpec, SpecError, parse_job_spec
 from service import queue
 from service.context import ServiceContext
 from service.datasets import load_version, resolve_version
@@ -193,6 +193,14 @@ def attempt_error(exc: BaseException) -> str:
     return error
 
 
+def will_repeat(exc: BaseException) -> bool:
+    """Whether ``exc`` says the job itself cannot run (a spec that does not fit its
+    data, found where submission could not look): another attempt would fail alike."""
+    from workers.errors import root_cause
+
+    return isinstance(root_cause(exc), SpecError)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -214,6 +222,9 @@ class Dispatcher:
                 worked = self.run_once()
             except SQLAlchemyError:
                 log.exception("database error in the dispatcher loop; retrying")
+                worked = False
+            except Exception:  # a dispatcher that stopped would leave the queue unserved
+                log.exception("unexpected error in the dispatcher loop; going on")
                 worked = False
             if not worked:
                 stop.wait(IDLE_POLL_S)
@@ -264,7 +275,11 @@ class _Attempt:
         except Exception as exc:  # the attempt fails; the queue decides about a retry
             # The log keeps the whole story (a worker's error carries its traceback).
             log.exception("job %s attempt %s failed", self.claimed.id, self.claimed.attempt)
-            queue.fail_attempt(**self.fence, error=attempt_error(exc), retry=self.dispatcher.retry)
+            error = attempt_error(exc)
+            if will_repeat(exc):
+                queue.fail_attempt(**self.fence, error=f"{error} (not retried)", retry=None)
+            else:
+                queue.fail_attempt(**self.fence, error=error, retry=self.dispatcher.retry)
         finally:
             self.done.set()
             heartbeat.join(timeout=5)

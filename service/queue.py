@@ -228,10 +228,11 @@ def fail_attempt(
     job_id: int,
     attempt: int,
     error: str,
-    retry: RetryStrategy,
+    retry: RetryStrategy | None,
 ) -> JobStatus | None:
     """Record a failed attempt: the job is queued again after a backoff while retries
-    remain, else it fails. Returns the new status, or None if the attempt was stale."""
+    remain, else it fails (at once with ``retry`` None: an error that would repeat).
+    Returns the new status, or None if the attempt was stale."""
     with write_lock_session(session_factory) as session:
         job = session.scalars(select(Job).where(_fenced(job_id, attempt)).with_for_update()).first()
         if job is None:
@@ -242,7 +243,7 @@ def fail_attempt(
         if job.cancel_requested:
             job.status = JobStatus.cancelled
             job.finished_at = now
-        elif attempt <= job.max_retries:
+        elif retry is not None and attempt <= job.max_retries:
             job.status = JobStatus.queued
             job.available_at = now + timedelta(seconds=retry.delay_s(attempt))
         else:

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
 from sqlalchemy import select
 
 from core import load_dataset
-from service.dispatcher import MAX_ERROR_CHARS, Dispatcher, attempt_error, ray_runner
+from service.dispatcher import (
+    MAX_ERROR_CHARS,
+    Dispatcher,
+    RunOutcome,
+    attempt_error,
+    local_runner,
+    ray_runner,
+)
 from service.models import Attempt, AttemptStatus, Job, JobStatus, Team
 from tests.service.conftest import Api
 from tests.service.factories import sentiment_classifier
@@ -192,18 +201,65 @@ def _queue_unchecked(api: Api, spec: dict, *, max_retries: int) -> int:
 
 @pytest.mark.usefixtures("ray_session")
 def test_an_error_raised_in_a_worker_is_stored_as_its_type_and_message(api: Api) -> None:
+    """A spec the workers refuse would be refused again: the job fails at once, though
+    it has retries left."""
     # Digits has 10 classes: the workers refuse to build a model of 5 outputs.
     spec = copy.deepcopy(_job())
     spec["model"]["layers"][-1]["units"] = 5
-    job_id = _queue_unchecked(api, spec, max_retries=0)
-    assert Dispatcher(api.context, runner=ray_runner).run_once()
+    job_id = _queue_unchecked(api, spec, max_retries=2)
+    dispatcher = Dispatcher(api.context, runner=ray_runner)
+    assert dispatcher.run_once()
+    assert not dispatcher.run_once()
     with api.context.session_factory() as session:
         job = session.get(Job, job_id)
-        assert job is not None and job.status == JobStatus.failed
+        assert job is not None and (job.status, job.attempts) == (JobStatus.failed, 1)
         error = session.scalars(select(Attempt.error).where(Attempt.job_id == job_id)).one()
     assert error == job.error
     assert error.startswith("SpecError: ") and "10 classes" in error and "5 outputs" in error
+    assert error.endswith(" (not retried)")
     assert "\x1b" not in error and "RayTaskError" not in error and "Traceback" not in error
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this error cannot be put into words")
+
+
+def test_the_dispatcher_loop_survives_an_error_it_did_not_expect(api: Api) -> None:
+    """An error escaping an attempt (here: one that cannot be written down) is logged,
+    and the loop goes on to the next job instead of leaving the queue unserved."""
+    calls = []
+
+    def runner(**kwargs: object) -> RunOutcome:
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise _Unprintable
+        return local_runner(**kwargs)  # type: ignore[arg-type]
+
+    first = _queue_unchecked(api, _job(name="first"), max_retries=0)
+    second = _queue_unchecked(api, _job(name="second"), max_retries=0)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=Dispatcher(api.context, runner=runner).run_forever, args=(stop,), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while _status(api, second) != JobStatus.succeeded:
+            assert time.monotonic() < deadline, _status(api, second)
+            assert thread.is_alive()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert _status(api, first) == JobStatus.running  # its lease will expire; then reclaimed
+
+
+def _status(api: Api, job_id: int) -> JobStatus:
+    with api.context.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.status
 
 
 @pytest.mark.usefixtures("ray_session")
