@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -62,26 +63,28 @@ def register_builtins(*, session: Session) -> list[str]:
             registered.append(name)
             continue
         try:
-            dataset = load_dataset(name)
+            described = _describe_builtin(name)
         except DatasetUnavailable as exc:
             log.info("built-in dataset %s not available: %s", name, exc)
             continue
-        session.add(
-            DatasetVersion(
-                team_id=None,
-                name=name,
-                version=1,
-                kind=dataset.kind,
-                builtin=True,
-                input_shape=list(dataset.input_shape),
-                num_classes=dataset.num_classes,
-                num_samples=len(dataset.X)
-                + (len(dataset.X_test) if dataset.X_test is not None else 0),
-            )
-        )
+        session.add(DatasetVersion(team_id=None, name=name, version=1, builtin=True, **described))
         registered.append(name)
     session.commit()
     return registered
+
+
+@functools.cache
+def _describe_builtin(name: str) -> dict[str, Any]:
+    """A built-in dataset's row, read once a process (the files do not change; one
+    that is not installed is looked for again next time)."""
+    dataset = load_dataset(name)
+    test_samples = len(dataset.X_test) if dataset.X_test is not None else 0
+    return {
+        "kind": dataset.kind,
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "num_samples": len(dataset.X) + test_samples,
+    }
 
 
 def parse_upload(data: bytes, *, kind: str, name: str) -> ParsedUpload:
