@@ -339,6 +339,15 @@ def _watch(args: argparse.Namespace) -> int:
     return 0 if final["status"] == "succeeded" else 1
 
 
+def _cancel(args: argparse.Namespace) -> int:
+    job = _client(args).cancel(args.job_id)
+    if job["status"] == "cancelled":
+        print(f"job {job['id']} cancelled")
+    else:  # running: its dispatcher stops it at the next step
+        print(f"job {job['id']} {job['status']}: asked to stop; it stops within seconds")
+    return 0
+
+
 def _metrics(args: argparse.Namespace) -> int:
     response = _client(args).metrics(
         args.job_id, names=args.names, format="csv", max_points=args.max_points
@@ -395,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch = client_command("watch", "follow a job live")
     watch.add_argument("job_id", type=int)
     watch.set_defaults(run=_watch)
+    cancel = client_command("cancel", "cancel a queued or running job")
+    cancel.add_argument("job_id", type=int)
+    cancel.set_defaults(run=_cancel)
     metrics = client_command("metrics", "a job's metrics as CSV")
     metrics.add_argument("job_id", type=int)
     metrics.add_argument("--names")

@@ -94,6 +94,9 @@ class Client:
     def job(self, job_id: int) -> dict[str, Any]:
         return self._send("GET", f"/api/v1/jobs/{job_id}").json()
 
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return self._send("POST", f"/api/v1/jobs/{job_id}/cancel").json()
+
     def metrics(self, job_id: int, **params: Any) -> httpx.Response:
         params = {k: v for k, v in params.items() if v is not None}
         return self._send("GET", f"/api/v1/jobs/{job_id}/metrics", params=params)

@@ -6,10 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from service import queue
 from service.auth import create_token
 from service.client import ApiError, Client
 from service.context import ServiceContext
+from service.datasets import register_builtins
 from tests.e2e.conftest import free_port, serving
+from tests.service.factories import TRIVIAL_SPEC
 from tests.service.test_cli import trainq
 
 
@@ -17,6 +20,7 @@ from tests.service.test_cli import trainq
 def served(context: ServiceContext) -> Iterator[tuple[str, str]]:
     """The API on a free port (no Ray: these routes do not need it), and a token."""
     with context.session_factory() as session:
+        register_builtins(session=session)
         _, token = create_token(session=session, team_name="cli")
     with serving(context) as url:
         yield url, token
@@ -39,3 +43,29 @@ def test_no_api_listening_is_one_line_naming_the_url(command: tuple[str, ...]) -
         "is 'trainq up' or 'trainq api' running there? (--url or TRAINQ_URL says where)\n"
     )
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_cancel_a_queued_and_a_running_job_and_one_that_ended(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    client = Client(url, token)
+    first, second = (client.submit(TRIVIAL_SPEC)["id"] for _ in range(2))
+    claimed = queue.claim_next_job(session_factory=context.session_factory, owner="d", lease_s=60.0)
+    assert claimed is not None and claimed.id == first  # the older of equal priority
+    running, queued = first, second
+    cancel = ("cancel", "--url", url, "--token", token)
+
+    result = trainq(*cancel, str(queued))
+    assert (result.returncode, result.stdout) == (0, f"job {queued} cancelled\n")
+    result = trainq(*cancel, str(running))
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"job {running} running: asked to stop; it stops within seconds\n",
+    )
+    assert client.job(running)["cancel_requested"]
+    result = trainq(*cancel, str(queued))
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"trainq: HTTP 409: job {queued} has already been cancelled\n",
+    )
