@@ -57,10 +57,10 @@ def test_cancel_a_job_waiting_for_resources(service: Service, dispatchers) -> No
     while not any(name.startswith("trainq-") for name in waiting_groups()):
         assert time.monotonic() < deadline, "the job's workers were never asked for"
         time.sleep(0.1)
-    asked = time.monotonic()
     assert service.http.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
     job = wait_for(service, job_id, ("cancelled", "failed", "succeeded"))
-    assert time.monotonic() - asked < 5.0
     assert job["status"] == "cancelled"
+    # not the start-up timeout's failure (120 s on), which a cancel would then turn into
+    # a cancelled job with a failed attempt: the wait itself ended
     assert [a["status"] for a in job["attempt_history"]] == ["cancelled"]
     assert not any(name.startswith("trainq-") for name in waiting_groups())
