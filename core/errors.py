@@ -33,11 +33,25 @@ class SpecError(ValueError):
         self.loc = loc
         super().__init__(self._message())
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled (as Ray carries a worker's error back) with its fields, not its message."""
+        return (_rebuild, (self.reason, self.layer, self.layer_type, self.field, self.loc))
+
     def _message(self) -> str:
         where = format_loc(self.loc)
         if self.layer_type is not None:
             where += f" ({self.layer_type})"
         return f"{where}: {self.reason}"
+
+
+def _rebuild(
+    reason: str,
+    layer: int | None,
+    layer_type: str | None,
+    field: str | None,
+    loc: tuple[str | int, ...],
+) -> SpecError:
+    return SpecError(reason, layer=layer, layer_type=layer_type, field=field, loc=loc)
 
 
 def format_loc(loc: tuple[str | int, ...]) -> str:

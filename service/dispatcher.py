@@ -176,16 +176,18 @@ def ray_runner(
     )
 
 
-def attempt_error(exc: BaseException) -> str:
+def attempt_error(exc: BaseException, *, note: str = "") -> str:
     """What a failed attempt's row says of ``exc``: the type and message of the error
     its workers raised (Ray's wrappers and their tracebacks taken off), without
-    terminal colours, and at most ``MAX_ERROR_CHARS`` long: a longer one keeps its
-    start and its end, where a message's last line usually says what went wrong."""
+    terminal colours, then ``note``; at most ``MAX_ERROR_CHARS`` long: a longer one
+    keeps its start and its end, where a message's last line usually says what went
+    wrong."""
     from workers.errors import root_cause
 
     cause = root_cause(exc)
     message = _TERMINAL_ESCAPE.sub("", str(cause)).strip()
     error = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+    error += note
     if len(error) > MAX_ERROR_CHARS:
         head = MAX_ERROR_CHARS // 4
         tail = MAX_ERROR_CHARS - head - len(_ERROR_CUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -33,6 +34,28 @@ def _build_error(spec: dict[str, Any], input_shape: tuple[int, ...] = DIGITS, **
 
 def test_spec_error_is_a_value_error() -> None:
     assert issubclass(SpecError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SpecError("bad targets", field="loss"),
+        SpecError("too small", layer=3, layer_type="dense", field="units"),
+        SpecError("at most 1", loc=("optimizer", "betas", 0), field="betas"),
+    ],
+    ids=["model-field", "layer", "loc"],
+)
+def test_spec_error_survives_pickling_as_it_was(error: SpecError) -> None:
+    """Ray pickles a worker's error to bring it back: it must read the same there."""
+    back = pickle.loads(pickle.dumps(error))
+    assert (str(back), back.loc, back.layer, back.layer_type, back.field, back.reason) == (
+        str(error),
+        error.loc,
+        error.layer,
+        error.layer_type,
+        error.field,
+        error.reason,
+    )
 
 
 def test_unknown_layer_type() -> None:

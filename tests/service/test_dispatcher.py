@@ -215,8 +215,10 @@ def test_an_error_raised_in_a_worker_is_stored_as_its_type_and_message(api: Api)
         assert job is not None and (job.status, job.attempts) == (JobStatus.failed, 1)
         error = session.scalars(select(Attempt.error).where(Attempt.job_id == job_id)).one()
     assert error == job.error
-    assert error.startswith("SpecError: ") and "10 classes" in error and "5 outputs" in error
-    assert error.endswith(" (not retried)")
+    assert error == (
+        "SpecError: model.loss: the dataset has 10 classes but the last layer gives 5 outputs"
+        " (not retried)"
+    )
     assert "\x1b" not in error and "RayTaskError" not in error and "Traceback" not in error
 
 
@@ -281,4 +283,6 @@ def test_a_long_worker_error_keeps_its_type_and_its_end() -> None:
     assert error.startswith("ValueError: many lines\n")
     assert error.endswith("\nthe line that says what went wrong")
     assert len(error) <= MAX_ERROR_CHARS
+    noted = attempt_error(raised.value, note=" (not retried)")
+    assert noted.endswith("went wrong (not retried)") and len(noted) <= MAX_ERROR_CHARS
     assert "\x1b" not in error and "RayTaskError" not in error
