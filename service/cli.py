@@ -156,7 +156,8 @@ def _api(args: argparse.Namespace) -> int:
 
     context = ServiceContext.from_settings(get_settings())
     _require_schema(context)
-    if args.workers > 1:
+    if args.workers > 1:  # each worker process builds its own context
+        context.engine.dispose()
         import uvicorn
 
         uvicorn.run(

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core import JobSpec, SpecError, parse_job_spec, summarize
-from core.data import DatasetUnavailable, load_dataset
+from core.data import DatasetUnavailable
 from core.text import TEXT_CLASSIFICATION, TEXT_LM, Tokenizer
 from service import queue
 from service.artifacts import ArtifactStore
@@ -181,33 +183,29 @@ def _targets_and_vocabulary(
 
     The row says them for a language model's corpus (a next token per input position,
     the vocabulary its classes) and for class labels otherwise (one per sample). The
-    vocabulary of labelled texts and the targets of a regression are read from the data.
+    vocabulary of labelled texts is read from the data, and a regression's targets
+    from its ``y`` alone.
     """
     if version.kind == TEXT_LM:
         return tuple(version.input_shape), version.num_classes
     label_shape = () if version.num_classes is not None else None
-    if version.kind != TEXT_CLASSIFICATION and label_shape is not None:
+    if (version.kind != TEXT_CLASSIFICATION and label_shape is not None) or store is None:
         return label_shape, None
     try:
-        if version.builtin:
-            dataset = load_dataset(version.name)
-        elif store is not None:
-            dataset = load_version(store=store, version=version)
-        else:
-            return label_shape, None
+        if version.kind == TEXT_CLASSIFICATION:
+            tokenizer = load_version(store=store, version=version).meta.get("tokenizer")
+            if not isinstance(tokenizer, dict):
+                return label_shape, None
+            return label_shape, Tokenizer.from_json(tokenizer).vocab_size
+        assert version.sha256 is not None  # an upload: built-ins all have classes
+        with np.load(io.BytesIO(store.get(version.sha256)), allow_pickle=False) as arrays:
+            return tuple(int(d) for d in arrays["y"].shape[1:]), None
     except (DatasetUnavailable, KeyError, OSError, ValueError) as exc:
         # the run will say what is wrong with the data; the spec is checked as far as known
         log.warning(
             "dataset %s v%s unreadable at submission: %s", version.name, version.version, exc
         )
         return label_shape, None
-    if version.kind == TEXT_CLASSIFICATION:
-        tokenizer = dataset.meta.get("tokenizer")
-        vocab_size = (
-            Tokenizer.from_json(tokenizer).vocab_size if isinstance(tokenizer, dict) else None
-        )
-        return label_shape, vocab_size
-    return tuple(int(d) for d in dataset.y.shape[1:]), None
 
 
 def _check_limits(

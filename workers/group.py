@@ -23,7 +23,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.allreduce import AllReduceSetup, LeaderExchange, Topology
-from workers.config import CANCEL_POLL_INTERVAL_S, WORKER_STARTUP_TIMEOUT_S
+from workers.config import WORKER_STARTUP_TIMEOUT_S
 from workers.errors import (
     AllReduceTimeoutError,
     WorkerFailedError,
@@ -103,7 +103,7 @@ class WorkerGroup:
         Raises :class:`WorkerGroupStartupTimeoutError` when the resources or the
         actors are not ready within ``startup_timeout_s``, and
         :class:`WorkerGroupStartupError` when an actor fails to start.
-        ``should_stop`` is asked every ``CANCEL_POLL_INTERVAL_S`` while it waits;
+        ``should_stop`` is asked every ``0.1`` s while it waits (as in :meth:`gather`);
         when it answers true the start ends with :class:`StopRequested`. Whatever
         ends a start before the group runs releases its actors and its placement group.
         """
@@ -306,15 +306,14 @@ class WorkerGroup:
 def _wait_for(refs: list[Any], deadline: float, should_stop: Callable[[], bool] | None) -> bool:
     """Wait until every one of ``refs`` is ready; False when ``deadline`` (monotonic)
     comes first. Raises what a ready one holds (an actor that failed to start) at once,
-    and :class:`StopRequested` when ``should_stop``, asked every
-    ``CANCEL_POLL_INTERVAL_S``, answers true."""
+    and :class:`StopRequested` when ``should_stop``, asked every ``0.1`` s, answers true."""
     pending = list(refs)
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
         ready, pending = ray.wait(
-            pending, num_returns=len(pending), timeout=min(CANCEL_POLL_INTERVAL_S, remaining)
+            pending, num_returns=len(pending), timeout=min(_POLL_S, remaining)
         )
         ray.get(ready)
         if pending and should_stop is not None and should_stop():

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import ROOT
-from tests.e2e.conftest import free_port
+from tests.servers import free_port
 
 STARTUP_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0

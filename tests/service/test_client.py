@@ -11,7 +11,7 @@ from service.auth import create_token
 from service.client import ApiError, Client
 from service.context import ServiceContext
 from service.datasets import register_builtins
-from tests.e2e.conftest import free_port, serving
+from tests.servers import free_port, serving
 from tests.service.factories import TRIVIAL_SPEC
 from tests.service.test_cli import trainq
 
