@@ -26,10 +26,11 @@ from typing import Any, Protocol, TypedDict
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import Dataset, JobSpec, SpecError, parse_job_spec
+from core import Dataset, JobSpec, SpecError, parse_job_spec, summarize
 from service import queue
 from service.context import ServiceContext
 from service.datasets import load_version, resolve_version
+from service.jobs import targets_and_vocabulary
 from service.models import Checkpoint, JobStatus, Team
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,16 @@ class _Attempt:
                 )
             resume = self._latest_checkpoint(session)
         dataset = load_version(store=self.context.store, version=version)
+        # The checks a submission makes, again with the data at hand (one that could not
+        # be read then, a job queued before a check existed): a failure is not retried.
+        label_shape, vocab_size = targets_and_vocabulary(version, self.context.store)
+        summarize(
+            job.model,
+            dataset.input_shape,
+            dataset.num_classes,
+            label_shape=label_shape,
+            vocab_size=vocab_size,
+        )
         lease = queue.renew_lease(**self.fence, lease_s=self.context.settings.lease_s)
         if not lease.held:
             raise LeaseLost

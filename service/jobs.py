@@ -68,7 +68,7 @@ class SubmissionCache:
     the dataset's shapes.
 
     With a ``store``, uploads are read where their row does not say what a submission
-    checks (see :func:`_targets_and_vocabulary`); without, those checks are skipped.
+    checks (see :func:`targets_and_vocabulary`); without, those checks are skipped.
     """
 
     def __init__(self, store: ArtifactStore | None = None) -> None:
@@ -163,7 +163,7 @@ def _choose_dataset(
     if version is None:
         what = f"version {spec.dataset.version} of " if spec.dataset.version else ""
         raise Invalid(("body", "dataset", "name"), f"no {what}dataset named {spec.dataset.name!r}")
-    label_shape, vocab_size = _targets_and_vocabulary(version, store)
+    label_shape, vocab_size = targets_and_vocabulary(version, store)
     return ChosenDataset(
         id=version.id,
         name=version.name,
@@ -175,7 +175,7 @@ def _choose_dataset(
     )
 
 
-def _targets_and_vocabulary(
+def targets_and_vocabulary(
     version: DatasetVersion, store: ArtifactStore | None
 ) -> tuple[tuple[int, ...] | None, int | None]:
     """The shape of one sample's targets and a text dataset's vocabulary size, each

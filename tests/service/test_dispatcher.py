@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from core import load_dataset
+from core import load_dataset, parse_job_spec
 from service.dispatcher import (
     MAX_ERROR_CHARS,
     Dispatcher,
+    RunCallbacks,
     RunOutcome,
     attempt_error,
     local_runner,
     ray_runner,
+    will_repeat,
 )
 from service.models import Attempt, AttemptStatus, Job, JobStatus, Team
 from tests.service.conftest import Api
@@ -181,7 +183,7 @@ def test_the_test_split_metrics_are_series_with_one_point_at_the_last_step(api: 
         assert series[name] == {"steps": [last_step], "values": [detail["final_metrics"][name]]}
 
 
-def _queue_unchecked(api: Api, spec: dict, *, max_retries: int) -> int:
+def _queue_unchecked(api: Api, spec: dict, *, max_retries: int, dataset: str = "digits") -> int:
     """A queued job as the dispatcher finds it, without the checks of a submission."""
     with api.context.session_factory() as session:
         team = session.scalars(select(Team).where(Team.name == "team-a")).one()
@@ -190,7 +192,7 @@ def _queue_unchecked(api: Api, spec: dict, *, max_retries: int) -> int:
             name=spec["name"],
             status=JobStatus.queued,
             spec=spec,
-            dataset_name="digits",
+            dataset_name=dataset,
             dataset_version=1,
             max_retries=max_retries,
         )
@@ -200,26 +202,52 @@ def _queue_unchecked(api: Api, spec: dict, *, max_retries: int) -> int:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_an_error_raised_in_a_worker_is_stored_as_its_type_and_message(api: Api) -> None:
-    """A spec the workers refuse would be refused again: the job fails at once, though
-    it has retries left."""
+@pytest.mark.usefixtures("ray_session")
+def test_an_error_raised_in_a_worker_is_stored_as_its_type_and_message() -> None:
     # Digits has 10 classes: the workers refuse to build a model of 5 outputs.
     spec = copy.deepcopy(_job())
     spec["model"]["layers"][-1]["units"] = 5
-    job_id = _queue_unchecked(api, spec, max_retries=2)
-    dispatcher = Dispatcher(api.context, runner=ray_runner)
+    callbacks = RunCallbacks(
+        on_epoch=lambda *_: None,
+        on_step=lambda *_: None,
+        on_checkpoint=lambda *_: None,
+        on_event=lambda *_: None,
+        should_cancel=lambda: False,
+    )
+    with pytest.raises(Exception) as raised:  # noqa: B017 - whatever Ray wraps it in
+        ray_runner(
+            job=parse_job_spec(spec),
+            dataset=load_dataset("digits"),
+            resume=None,
+            callbacks=callbacks,
+        )
+    error = attempt_error(raised.value)
+    assert error == (
+        "SpecError: model.loss: the dataset has 10 classes but the last layer gives 5 outputs"
+    )
+    assert will_repeat(raised.value)
+
+
+def test_a_spec_that_does_not_fit_its_data_fails_at_once_before_it_runs(api: Api) -> None:
+    """A job queued without a submission's checks (queued before they existed, or its
+    data unreadable then) is checked again with its data: a retry would fail alike."""
+    text_model = sentiment_classifier(epochs=1)
+    text_model["model"]["layers"][0]["vocab_size"] = 10  # tiny_sentiment has 88 tokens
+    job_id = _queue_unchecked(api, text_model, max_retries=2, dataset="tiny_sentiment")
+    ran = []
+    dispatcher = Dispatcher(api.context, runner=lambda **kwargs: ran.append(kwargs))
     assert dispatcher.run_once()
-    assert not dispatcher.run_once()
+    assert not dispatcher.run_once() and ran == []
     with api.context.session_factory() as session:
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.attempts) == (JobStatus.failed, 1)
         error = session.scalars(select(Attempt.error).where(Attempt.job_id == job_id)).one()
     assert error == job.error
-    assert error == (
-        "SpecError: model.loss: the dataset has 10 classes but the last layer gives 5 outputs"
-        " (not retried)"
+    assert error.startswith(
+        "SpecError: model.layers[0].vocab_size (embedding): vocab_size 10 is smaller than "
+        "the dataset's vocabulary of 88 tokens"
     )
-    assert "\x1b" not in error and "RayTaskError" not in error and "Traceback" not in error
+    assert error.endswith(" (not retried)")
 
 
 class _Unprintable(Exception):
