@@ -326,7 +326,7 @@ class _Attempt:
         dataset = load_version(store=self.context.store, version=version)
         # The checks a submission makes, again with the data at hand (one that could not
         # be read then, a job queued before a check existed): a failure is not retried.
-        label_shape, vocab_size = targets_and_vocabulary(version, self.context.store)
+        label_shape, vocab_size = targets_and_vocabulary(version, None, loaded=dataset)
         summarize(
             job.model,
             dataset.input_shape,

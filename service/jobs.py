@@ -14,7 +14,7 @@ from sqlalchemy import and_, bindparam, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core import JobSpec, SpecError, parse_job_spec, summarize
+from core import Dataset, JobSpec, SpecError, parse_job_spec, summarize
 from core.data import DatasetUnavailable
 from core.text import TEXT_CLASSIFICATION, TEXT_LM, Tokenizer
 from service import queue
@@ -176,7 +176,7 @@ def _choose_dataset(
 
 
 def targets_and_vocabulary(
-    version: DatasetVersion, store: ArtifactStore | None
+    version: DatasetVersion, store: ArtifactStore | None, loaded: Dataset | None = None
 ) -> tuple[tuple[int, ...] | None, int | None]:
     """The shape of one sample's targets and a text dataset's vocabulary size, each
     None when unknown.
@@ -184,20 +184,28 @@ def targets_and_vocabulary(
     The row says them for a language model's corpus (a next token per input position,
     the vocabulary its classes) and for class labels otherwise (one per sample). The
     vocabulary of labelled texts is read from the data, and a regression's targets
-    from its ``y`` alone.
+    from its ``y`` alone; ``loaded``, the version's data when the caller has it, is
+    read instead.
     """
     if version.kind == TEXT_LM:
         return tuple(version.input_shape), version.num_classes
     label_shape = () if version.num_classes is not None else None
-    if (version.kind != TEXT_CLASSIFICATION and label_shape is not None) or store is None:
+    if version.kind != TEXT_CLASSIFICATION and label_shape is not None:
+        return label_shape, None
+    if loaded is None and store is None:
         return label_shape, None
     try:
         if version.kind == TEXT_CLASSIFICATION:
-            tokenizer = load_version(store=store, version=version).meta.get("tokenizer")
+            if loaded is None:
+                assert store is not None
+                loaded = load_version(store=store, version=version)
+            tokenizer = loaded.meta.get("tokenizer")
             if not isinstance(tokenizer, dict):
                 return label_shape, None
             return label_shape, Tokenizer.from_json(tokenizer).vocab_size
-        assert version.sha256 is not None  # an upload: built-ins all have classes
+        if loaded is not None:
+            return tuple(int(d) for d in loaded.y.shape[1:]), None
+        assert store is not None and version.sha256 is not None  # built-ins all have classes
         with np.load(io.BytesIO(store.get(version.sha256)), allow_pickle=False) as arrays:
             return tuple(int(d) for d in arrays["y"].shape[1:]), None
     except (DatasetUnavailable, KeyError, OSError, ValueError) as exc:

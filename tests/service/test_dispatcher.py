@@ -26,6 +26,7 @@ from service.dispatcher import (
 from service.models import Attempt, AttemptStatus, Job, JobStatus, Team
 from tests.service.conftest import Api
 from tests.service.factories import sentiment_classifier
+from tests.service.test_datasets_api import _npz
 from tests.service.test_jobs_api import _job
 
 
@@ -248,6 +249,28 @@ def test_a_spec_that_does_not_fit_its_data_fails_at_once_before_it_runs(api: Api
         "the dataset's vocabulary of 88 tokens"
     )
     assert error.endswith(" (not retried)")
+
+
+def test_a_regression_whose_outputs_do_not_fit_its_targets_fails_at_once(api: Api) -> None:
+    X = np.random.default_rng(3).standard_normal((40, 5)).astype(np.float32)
+    upload = api.client.post(
+        "/api/v1/datasets",
+        params={"name": "coords", "format": "npz"},
+        content=_npz(X=X, y=X[:, :3]),  # float targets, 3 a sample
+        headers=api.a,
+    )
+    assert upload.status_code == 201, upload.text
+    spec = _job(dataset={"name": "coords"})
+    spec["model"] = {"layers": [{"type": "dense", "units": 2}], "loss": "mse"}
+    job_id = _queue_unchecked(api, spec, max_retries=2, dataset="coords")
+    assert Dispatcher(api.context, runner=lambda **_: None).run_once()
+    with api.context.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.status, job.attempts) == (JobStatus.failed, 1)
+    assert job.error == (
+        "SpecError: model.loss: this dataset has targets (3,) per sample, so mse needs "
+        "3 outputs per sample; the last layer gives (2,) (not retried)"
+    )
 
 
 class _Unprintable(Exception):
