@@ -329,6 +329,12 @@ def _watch(args: argparse.Namespace) -> int:
             print(f"status: {data['status']}", file=sys.stderr)
         elif event == "metric":
             printer.metric(data["name"], data["step"], data["value"])
+        elif event == "attempt" and data["status"] in ("failed", "lost"):
+            printer.flush()
+            print(f"attempt {data['number']} {data['status']}: {data['error']}", file=sys.stderr)
+        elif event == "attempt" and data["status"] == "running" and data["number"] > 1:
+            printer.flush()
+            print(f"attempt {data['number']} started", file=sys.stderr)
     printer.flush()
     final = client.job(args.job_id)
     print(f"job {final['id']} {final['status']}")

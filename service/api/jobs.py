@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -217,23 +217,31 @@ def _model_of(*, session: Session, team: Team, job_id: int) -> tuple[str, tuple[
 async def job_events(
     job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
 ) -> StreamingResponse:
-    """Server-sent events: ``status`` when it changes, ``metric`` rows as they arrive."""
+    """Server-sent events: ``metric`` rows as they arrive, ``attempt`` when an attempt
+    starts or ends (so a retry between two polls is still seen), and ``status`` when
+    the job's status changes."""
     job = await run_in_threadpool(job_service.get_job, session=session, team=team, job_id=job_id)
     factory = context.session_factory
 
-    def poll(last_step: int) -> tuple[str, results.Series]:
+    def poll(last_step: int) -> tuple[str, results.Series, list[dict[str, Any]]]:
         with factory() as poll_session:
             current = poll_session.get(Job, job.id)
             assert current is not None
             series = results.read_series(session=poll_session, job=current, since_step=last_step)
-            return current.status, series
+            attempts = job_service.attempts_of(session=poll_session, job=current)
+            return (
+                current.status,
+                series,
+                [AttemptPublic.model_validate(a).model_dump(mode="json") for a in attempts],
+            )
 
     async def stream() -> AsyncIterator[str]:
         last_status: str | None = None
         seen: dict[str, int] = {}  # series name -> last step sent
+        attempts_sent: dict[int, dict[str, Any]] = {}  # attempt number -> as last sent
         while True:
             since = min(seen.values()) if seen else -1
-            job_status, series = await run_in_threadpool(poll, since)
+            job_status, series, attempts = await run_in_threadpool(poll, since)
             fresh = sorted(
                 (step, name, value)
                 for name, points in series.items()
@@ -244,6 +252,10 @@ async def job_events(
                 payload = {"name": name, "step": step, "value": value}
                 yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
                 seen[name] = step
+            for attempt in attempts:
+                if attempts_sent.get(attempt["number"]) != attempt:
+                    attempts_sent[attempt["number"]] = attempt
+                    yield f"event: attempt\ndata: {json.dumps(attempt)}\n\n"
             if job_status != last_status:
                 last_status = job_status
                 yield f"event: status\ndata: {json.dumps({'status': job_status})}\n\n"

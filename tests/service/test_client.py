@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,9 +14,10 @@ from service.auth import create_token
 from service.client import ApiError, Client
 from service.context import ServiceContext
 from service.datasets import register_builtins
+from tests.factories import ROOT
 from tests.servers import free_port, serving
 from tests.service.factories import TRIVIAL_SPEC
-from tests.service.test_cli import trainq
+from tests.service.test_cli import TIMEOUT_S, trainq
 
 
 @pytest.fixture
@@ -69,3 +73,90 @@ def test_cancel_a_queued_and_a_running_job_and_one_that_ended(
         1,
         f"trainq: HTTP 409: job {queued} has already been cancelled\n",
     )
+
+
+def _fail(context: ServiceContext, job_id: int, attempt: int, error: str, *, again: bool) -> None:
+    """Fails the job's attempt with ``error``; with ``again``, it is queued with no
+    backoff and claimed at once by another dispatcher, as attempt + 1."""
+    factory = context.session_factory
+    retry = queue.RetryStrategy(base_s=0.0) if again else None
+    queue.fail_attempt(
+        session_factory=factory, job_id=job_id, attempt=attempt, error=error, retry=retry
+    )
+    if again:
+        claimed = queue.claim_next_job(session_factory=factory, owner="d2", lease_s=60.0)
+        assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, attempt + 1)
+
+
+def _submitted_and_claimed(url: str, token: str, context: ServiceContext) -> int:
+    job_id = Client(url, token).submit(TRIVIAL_SPEC)["id"]
+    claimed = queue.claim_next_job(session_factory=context.session_factory, owner="d", lease_s=60.0)
+    assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 1)
+    return int(job_id)
+
+
+def test_events_tell_each_attempt_as_it_starts_and_ends(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    client = Client(url, token)
+    job_id = _submitted_and_claimed(url, token, context)
+    events = client.events(job_id)
+    first = [next(events), next(events)]
+    assert [(kind, data.get("number"), data["status"]) for kind, data in first] == [
+        ("attempt", 1, "running"),
+        ("status", None, "running"),
+    ]
+
+    # Failed and started again between two polls: the job is "running" before and after.
+    _fail(context, job_id, 1, "RuntimeError: boom", again=True)
+    queue.finish_attempt(
+        session_factory=context.session_factory,
+        job_id=job_id,
+        attempt=2,
+        status=queue.JobStatus.succeeded,
+    )
+    rest = list(events)
+    assert [(kind, data.get("number"), data["status"]) for kind, data in rest] == [
+        ("attempt", 1, "failed"),
+        ("attempt", 2, "succeeded"),
+        ("status", None, "succeeded"),
+    ]
+    assert [data for _, data in rest[:2]] == client.job(job_id)["attempt_history"]
+    assert rest[0][1]["error"] == "RuntimeError: boom"
+
+
+def test_watch_says_when_an_attempt_fails_and_the_next_starts(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    job_id = _submitted_and_claimed(url, token, context)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "watch", str(job_id), "--url", url, "--token", token],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stuck = threading.Timer(TIMEOUT_S, watch.kill)  # a line that never comes ends the test
+    stuck.start()
+    try:
+        assert watch.stderr is not None
+        assert watch.stderr.readline() == "status: running\n"
+        _fail(context, job_id, 1, "MemoryError: out of memory", again=True)
+        assert [watch.stderr.readline() for _ in range(2)] == [
+            "attempt 1 failed: MemoryError: out of memory\n",
+            "attempt 2 started\n",
+        ]
+        _fail(context, job_id, 2, "MemoryError: out of memory", again=False)
+        out, err = watch.communicate(timeout=TIMEOUT_S)
+    finally:
+        stuck.cancel()
+        watch.kill()
+    assert watch.returncode == 1
+    assert err.splitlines() == ["attempt 2 failed: MemoryError: out of memory", "status: failed"]
+    assert out.splitlines() == [
+        f"job {job_id} trivial: running",
+        f"job {job_id} failed",
+        "  error: MemoryError: out of memory",
+    ]

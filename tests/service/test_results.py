@@ -140,12 +140,15 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
                 kind = line.split(":", 1)[1].strip()
             elif line.startswith("data:"):
                 events.append((kind, json.loads(line.split(":", 1)[1])))
+    ended = api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()["attempt_history"]
     assert events == [
         ("metric", {"name": "loss", "step": 5, "value": 0.9}),
         ("metric", {"name": "loss", "step": 10, "value": 0.7}),
         ("metric", {"name": "val_loss", "step": 10, "value": 0.5}),
+        ("attempt", ended[0]),
         ("status", {"status": "succeeded"}),
     ]
+    assert ended[0]["number"] == attempt and ended[0]["status"] == "succeeded"
 
 
 def test_the_final_result_and_its_metrics_are_written_together_by_the_owner_only(
