@@ -262,12 +262,28 @@ def _jobs(args: argparse.Namespace) -> int:
         shown = "  ".join(
             f"{k} {final[k]:.4g}" for k in ("val_accuracy", "test_accuracy") if k in final
         )
+        if job["status"] == "running":
+            shown = _progress(job["progress"])
         print(
             f"{job['id']:>6}  {job['status']:<10} {job['name'][:28]:<28} "
             f"{job['created_at'][:19]:<20} {shown}"
         )
     print(f"{len(page['data'])} of {page['count']} jobs")
     return 0
+
+
+def _progress(progress: dict[str, Any]) -> str:
+    """``epoch 2/5, about 12 s left``: a running job's progress in words."""
+    said = f"epoch {progress['epochs_done']}/{progress['epochs']}"
+    eta = progress["eta_s"]
+    if eta is None:
+        return said
+    minutes = round(eta / 60)
+    if minutes == 0:
+        left = f"{round(eta)} s"
+    else:
+        left = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    return f"{said}, about {left} left"
 
 
 class _EpochPrinter:
@@ -321,7 +337,8 @@ class _EpochPrinter:
 def _watch(args: argparse.Namespace) -> int:
     client = _client(args)
     job = client.job(args.job_id)
-    print(f"job {job['id']} {job['name']}: {job['status']}")
+    running = f" ({_progress(job['progress'])})" if job["status"] == "running" else ""
+    print(f"job {job['id']} {job['name']}: {job['status']}{running}")
     printer = _EpochPrinter(job["spec"]["training"]["epochs"])
     for event, data in client.events(args.job_id):
         if event == "status":

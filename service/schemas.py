@@ -30,6 +30,15 @@ class AttemptPublic(_Public):
     finished_at: Moment | None
 
 
+class Progress(BaseModel):
+    #: Epochs finished (the latest ``epoch`` metric), of the spec's ``epochs``.
+    epochs_done: int
+    epochs: int
+    #: A running job's mean epoch time so far times the epochs left; None before its
+    #: first epoch ends, and once it has ended.
+    eta_s: float | None
+
+
 class JobPublic(_Public):
     id: int
     name: str
@@ -46,6 +55,7 @@ class JobPublic(_Public):
     created_at: Moment
     started_at: Moment | None
     finished_at: Moment | None
+    progress: Progress
 
 
 class JobDetail(JobPublic):

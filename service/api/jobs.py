@@ -52,7 +52,7 @@ async def submit_job(
     session: SessionDep,
     team: TeamDep,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
-) -> Job:
+) -> JobPublic:
     body = await read_json_object(request, context.settings.max_body_bytes)
     job, created = await run_in_threadpool(
         job_service.create_job,
@@ -65,7 +65,7 @@ async def submit_job(
     )
     if not created:
         response.status_code = status.HTTP_200_OK
-    return job
+    return (await run_in_threadpool(_public, session, [job]))[0]
 
 
 @router.get("", response_model=JobsPublic)
@@ -81,7 +81,7 @@ def list_jobs(
         session=session, team=team, status=status_, name=name, cursor=cursor, limit=limit
     )
     return JobsPublic(
-        data=[JobPublic.model_validate(job) for job in page],
+        data=_public(session, page),
         count=total,
         next_cursor=str(next_cursor) if next_cursor is not None else None,
     )
@@ -98,7 +98,7 @@ def get_job(job_id: int, session: SessionDep, team: TeamDep) -> JobDetail:
         else None
     )
     return JobDetail(
-        **JobPublic.model_validate(job).model_dump(),
+        **_public(session, [job])[0].model_dump(),
         attempt_history=[AttemptPublic.model_validate(a) for a in attempts],
         jobs_ahead=job_service.jobs_ahead(session=session, job=job),
         queue_wait_s=queue_wait,
@@ -108,8 +108,21 @@ def get_job(job_id: int, session: SessionDep, team: TeamDep) -> JobDetail:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: SessionDep, team: TeamDep) -> Job:
-    return job_service.cancel(session=session, team=team, job_id=job_id)
+def cancel_job(job_id: int, session: SessionDep, team: TeamDep) -> JobPublic:
+    job = job_service.cancel(session=session, team=team, job_id=job_id)
+    return _public(session, [job])[0]
+
+
+def _public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """The jobs as the API shows them, with their progress (one query for all)."""
+    progress = results.progress_of(session=session, jobs=jobs)
+    fields = [name for name in JobPublic.model_fields if name != "progress"]
+    return [
+        JobPublic.model_validate(
+            {**{name: getattr(job, name) for name in fields}, "progress": progress[job.id]}
+        )
+        for job in jobs
+    ]
 
 
 @router.get("/{job_id}/metrics", response_model=None)

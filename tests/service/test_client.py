@@ -156,7 +156,28 @@ def test_watch_says_when_an_attempt_fails_and_the_next_starts(
     assert watch.returncode == 1
     assert err.splitlines() == ["attempt 2 failed: MemoryError: out of memory", "status: failed"]
     assert out.splitlines() == [
-        f"job {job_id} trivial: running",
+        f"job {job_id} trivial: running (epoch 0/1)",
         f"job {job_id} failed",
         "  error: MemoryError: out of memory",
     ]
+
+
+def test_jobs_shows_how_far_a_running_job_is_and_how_long_it_has_left(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    spec = TRIVIAL_SPEC | {"training": {"epochs": 4}}
+    job_id = Client(url, token).submit(spec)["id"]
+    claimed = queue.claim_next_job(session_factory=context.session_factory, owner="d", lease_s=60.0)
+    assert claimed is not None and claimed.id == job_id
+    queue.write_metrics(
+        session_factory=context.session_factory,
+        job_id=job_id,
+        attempt=claimed.attempt,
+        rows=[("epoch", 7, 1.0), ("epoch_time_s", 7, 75.5)],
+    )
+    listed = trainq("jobs", "--url", url, "--token", token)
+    assert listed.returncode == 0, listed.stderr
+    row = listed.stdout.splitlines()[1]
+    assert row.startswith(f"{job_id:>6}  running    trivial ")
+    assert row.endswith(" epoch 1/4, about 4 min left")  # 3 epochs of 75.5 s

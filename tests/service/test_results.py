@@ -184,3 +184,34 @@ def test_the_final_result_and_its_metrics_are_written_together_by_the_owner_only
     )
     assert not finish(attempt, 0.7)  # the job has ended: nothing changes, nothing doubles
     assert stored()[2] == {"test_accuracy": [(40, 0.9)]}
+
+
+def test_progress_counts_epochs_done_and_estimates_the_time_left(api: Api) -> None:
+    spec = _job(training={"epochs": 5, "batch_size": 64})
+    queued = api.client.post("/api/v1/jobs", json=spec, headers=api.a).json()
+    assert queued["progress"] == {"epochs_done": 0, "epochs": 5, "eta_s": None}
+    job_id = queued["id"]
+    factory = api.context.session_factory
+    claimed = queue.claim_next_job(session_factory=factory, owner="t", lease_s=60)
+    assert claimed is not None and claimed.id == job_id
+    attempt = claimed.attempt
+    other = api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()["id"]
+    queue.write_metrics(
+        session_factory=factory,
+        job_id=job_id,
+        attempt=attempt,
+        rows=[("epoch", 10, 1.0), ("epoch_time_s", 10, 3.0), ("loss", 15, 0.5)]
+        + [("epoch", 20, 2.0), ("epoch_time_s", 20, 5.0)],
+    )
+    running = {"epochs_done": 2, "epochs": 5, "eta_s": 12.0}  # 3 epochs left of 4 s each
+    assert api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()["progress"] == running
+    listed = api.client.get("/api/v1/jobs", headers=api.a).json()["data"]
+    assert {job["id"]: job["progress"] for job in listed} == {
+        job_id: running,
+        other: {"epochs_done": 0, "epochs": 2, "eta_s": None},
+    }
+    queue.finish_attempt(
+        session_factory=factory, job_id=job_id, attempt=attempt, status=queue.JobStatus.failed
+    )
+    ended = api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()["progress"]
+    assert ended == {"epochs_done": 2, "epochs": 5, "eta_s": None}
