@@ -346,6 +346,9 @@ def _watch(args: argparse.Namespace) -> int:
             print(f"status: {data['status']}", file=sys.stderr)
         elif event == "metric":
             printer.metric(data["name"], data["step"], data["value"])
+        elif event == "run":
+            printer.flush()
+            print(f"{data['kind']}: {data['message']}", file=sys.stderr)
         elif event == "attempt" and data["status"] in ("failed", "lost"):
             printer.flush()
             print(f"attempt {data['number']} {data['status']}: {data['error']}", file=sys.stderr)

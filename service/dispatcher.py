@@ -188,12 +188,18 @@ def attempt_error(exc: BaseException, *, note: str = "") -> str:
     cause = root_cause(exc)
     message = _TERMINAL_ESCAPE.sub("", str(cause)).strip()
     error = f"{type(cause).__name__}: {message}" if message else type(cause).__name__
-    error += note
-    if len(error) > MAX_ERROR_CHARS:
+    return _cut(error + note)
+
+
+def _cut(text: str) -> str:
+    """``text`` without terminal colours, at most ``MAX_ERROR_CHARS`` long: a longer one
+    keeps its start and its end."""
+    text = _TERMINAL_ESCAPE.sub("", text)
+    if len(text) > MAX_ERROR_CHARS:
         head = MAX_ERROR_CHARS // 4
         tail = MAX_ERROR_CHARS - head - len(_ERROR_CUT)
-        error = error[:head] + _ERROR_CUT + error[-tail:]
-    return error
+        text = text[:head] + _ERROR_CUT + text[-tail:]
+    return text
 
 
 def will_repeat(exc: BaseException) -> bool:
@@ -390,6 +396,14 @@ class _Attempt:
 
     def _on_event(self, kind: str, detail: dict[str, Any]) -> None:
         log.info("job %s: %s %s", self.claimed.id, kind, detail)
+        if not queue.record_event(
+            **self.fence,
+            kind=kind,
+            epoch=int(detail["epoch"]),
+            step=int(detail["step"]),
+            message=_cut(str(detail["message"])),
+        ):
+            raise LeaseLost
 
     def _on_checkpoint(self, epoch: int, step: int, state: bytes) -> None:
         sha256 = self.context.store.put(state)

@@ -22,7 +22,7 @@ from service.artifacts import ArtifactStore
 from service.datasets import load_version, resolve_version, resolved_id
 from service.db import begin_single_write, begin_write, utcnow
 from service.errors import Conflict, Invalid, NotFound
-from service.models import Attempt, DatasetVersion, Job, JobStatus, Team
+from service.models import Attempt, DatasetVersion, Job, JobStatus, RunEvent, Team
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +388,18 @@ def list_jobs(
 def attempts_of(*, session: Session, job: Job) -> list[Attempt]:
     return list(
         session.scalars(select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number))
+    )
+
+
+def run_events_of(*, session: Session, job: Job, after_id: int = 0) -> list[RunEvent]:
+    """The job's run events in the order they happened; ``after_id`` skips those
+    up to that row."""
+    return list(
+        session.scalars(
+            select(RunEvent)
+            .where(RunEvent.job_id == job.id, RunEvent.id > after_id)
+            .order_by(RunEvent.id)
+        )
     )
 
 

@@ -149,6 +149,24 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RunEvent(Base):
+    """Something that happened while an attempt ran, as its workers tell it: a group
+    of workers started, a worker failed and was replaced, a divergence was rolled back."""
+
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    #: ``group_started``, ``worker_failed``, ``diverged``, ``restored`` or ``cancelled``
+    kind: Mapped[str] = mapped_column(String(32))
+    #: Epochs and optimizer steps completed when it happened.
+    epoch: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class DatasetVersion(Base):
     """An immutable dataset; a new upload under the same name is the next version."""
 

@@ -34,7 +34,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import utcnow, write_lock_session
 from service.errors import Conflict
-from service.models import Attempt, AttemptStatus, Checkpoint, Job, JobStatus, Metric
+from service.models import (
+    Attempt,
+    AttemptStatus,
+    Checkpoint,
+    Job,
+    JobStatus,
+    Metric,
+    RunEvent,
+)
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,30 @@ def record_checkpoint(
                 size_bytes=size_bytes,
             )
             .on_conflict_do_nothing(index_elements=["job_id", "epoch"])
+        )
+        session.commit()
+        return True
+
+
+def record_event(
+    *,
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    attempt: int,
+    kind: str,
+    epoch: int,
+    step: int,
+    message: str,
+) -> bool:
+    """Record what a running attempt's workers told; False when the attempt no longer
+    owns the job."""
+    with write_lock_session(session_factory) as session:
+        if not _still_owns(session, job_id, attempt):
+            return False
+        session.add(
+            RunEvent(
+                job_id=job_id, attempt=attempt, kind=kind, epoch=epoch, step=step, message=message
+            )
         )
         session.commit()
         return True

@@ -30,6 +30,15 @@ class AttemptPublic(_Public):
     finished_at: Moment | None
 
 
+class RunEventPublic(_Public):
+    attempt: int
+    kind: str
+    epoch: int
+    step: int
+    message: str
+    created_at: Moment
+
+
 class Progress(BaseModel):
     #: Epochs finished (the latest ``epoch`` metric), of the spec's ``epochs``.
     epochs_done: int
@@ -60,6 +69,8 @@ class JobPublic(_Public):
 
 class JobDetail(JobPublic):
     attempt_history: list[AttemptPublic]
+    #: What happened while it ran: workers started or failed, divergences rolled back.
+    run_events: list[RunEventPublic]
     #: Queued jobs that will be claimed before this one (0 unless queued).
     jobs_ahead: int
     queue_wait_s: float | None

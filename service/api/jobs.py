@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from core import JobSpec
@@ -32,6 +34,7 @@ from service.schemas import (
     JobsPublic,
     PredictRequest,
     PredictResponse,
+    RunEventPublic,
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -100,6 +103,10 @@ def get_job(job_id: int, session: SessionDep, team: TeamDep) -> JobDetail:
     return JobDetail(
         **_public(session, [job])[0].model_dump(),
         attempt_history=[AttemptPublic.model_validate(a) for a in attempts],
+        run_events=[
+            RunEventPublic.model_validate(e)
+            for e in job_service.run_events_of(session=session, job=job)
+        ],
         jobs_ahead=job_service.jobs_ahead(session=session, job=job),
         queue_wait_s=queue_wait,
         run_time_s=run_time,
@@ -226,38 +233,58 @@ def _model_of(*, session: Session, team: Team, job_id: int) -> tuple[str, tuple[
     return job.model_sha256, tuple(dataset.input_shape) if dataset else ()
 
 
+@dataclass(frozen=True)
+class Polled:
+    """What one poll of the events stream read, in one session."""
+
+    status: str
+    series: results.Series
+    attempts: list[dict[str, Any]]
+    run_events: list[tuple[int, dict[str, Any]]]  # (row id, as sent)
+
+
+def _json(schema: type[BaseModel], row: object) -> dict[str, Any]:
+    return schema.model_validate(row).model_dump(mode="json")
+
+
 @router.get("/{job_id}/events")
 async def job_events(
     job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
 ) -> StreamingResponse:
-    """Server-sent events: ``metric`` rows as they arrive, ``attempt`` when an attempt
+    """Server-sent events: ``metric`` rows as they arrive, ``run`` for each run event
+    (workers started or failed, a divergence rolled back), ``attempt`` when an attempt
     starts or ends (so a retry between two polls is still seen), and ``status`` when
     the job's status changes."""
     job = await run_in_threadpool(job_service.get_job, session=session, team=team, job_id=job_id)
     factory = context.session_factory
 
-    def poll(last_step: int) -> tuple[str, results.Series, list[dict[str, Any]]]:
+    def poll(last_step: int, last_event: int) -> Polled:
         with factory() as poll_session:
             current = poll_session.get(Job, job.id)
             assert current is not None
             series = results.read_series(session=poll_session, job=current, since_step=last_step)
             attempts = job_service.attempts_of(session=poll_session, job=current)
-            return (
-                current.status,
-                series,
-                [AttemptPublic.model_validate(a).model_dump(mode="json") for a in attempts],
+            events = job_service.run_events_of(
+                session=poll_session, job=current, after_id=last_event
+            )
+            return Polled(
+                status=current.status,
+                series=series,
+                attempts=[_json(AttemptPublic, a) for a in attempts],
+                run_events=[(e.id, _json(RunEventPublic, e)) for e in events],
             )
 
     async def stream() -> AsyncIterator[str]:
         last_status: str | None = None
         seen: dict[str, int] = {}  # series name -> last step sent
         attempts_sent: dict[int, dict[str, Any]] = {}  # attempt number -> as last sent
+        last_event = 0  # id of the last run event sent
         while True:
             since = min(seen.values()) if seen else -1
-            job_status, series, attempts = await run_in_threadpool(poll, since)
+            polled = await run_in_threadpool(poll, since, last_event)
             fresh = sorted(
                 (step, name, value)
-                for name, points in series.items()
+                for name, points in polled.series.items()
                 for step, value in points
                 if step > seen.get(name, -1)
             )
@@ -265,14 +292,17 @@ async def job_events(
                 payload = {"name": name, "step": step, "value": value}
                 yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
                 seen[name] = step
-            for attempt in attempts:
+            for event_id, event in polled.run_events:
+                yield f"event: run\ndata: {json.dumps(event)}\n\n"
+                last_event = event_id
+            for attempt in polled.attempts:
                 if attempts_sent.get(attempt["number"]) != attempt:
                     attempts_sent[attempt["number"]] = attempt
                     yield f"event: attempt\ndata: {json.dumps(attempt)}\n\n"
-            if job_status != last_status:
-                last_status = job_status
-                yield f"event: status\ndata: {json.dumps({'status': job_status})}\n\n"
-            if job_status in TERMINAL_STATUSES or await request.is_disconnected():
+            if polled.status != last_status:
+                last_status = polled.status
+                yield f"event: status\ndata: {json.dumps({'status': polled.status})}\n\n"
+            if polled.status in TERMINAL_STATUSES or await request.is_disconnected():
                 return
             await asyncio.sleep(EVENTS_POLL_S)
 

@@ -10,6 +10,7 @@ import numpy as np
 from core import load_dataset
 from tests.e2e.conftest import Service
 from tests.service.factories import sentiment_classifier
+from tests.service.test_datasets_api import _npz
 
 JOB_TIMEOUT_S = 300.0
 
@@ -63,6 +64,9 @@ def test_digits_cnn_on_two_ray_workers_over_http(service: Service, dispatchers) 
     assert job["final_metrics"]["val_accuracy"] >= 0.97
     assert job["final_metrics"]["test_accuracy"] >= 0.97
     assert [a["status"] for a in job["attempt_history"]] == ["succeeded"]
+    assert [(e["attempt"], e["kind"], e["message"]) for e in job["run_events"]] == [
+        (1, "group_started", "2 workers on 1 node(s)")
+    ]
 
     series = service.http.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]
     assert series["epoch"]["values"] == [float(e) for e in range(1, 16)]
@@ -119,3 +123,34 @@ def test_text_classifier_on_ray_workers_answers_texts(service: Service, dispatch
     )
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["predictions"]) == 2
+
+
+def test_a_batch_that_diverges_is_rolled_back_and_the_job_says_so(
+    service: Service,
+    dispatchers,  # noqa: ANN001
+) -> None:
+    dispatchers(1)
+    digits = load_dataset("digits")
+    X = digits.X[:400].copy()
+    X[123] = 3e38  # finite, but no loss or gradient of it is
+    upload = service.http.post(
+        "/api/v1/datasets",
+        params={"name": "poisoned", "format": "npz"},
+        content=_npz(X=X, y=digits.y[:400]),
+    )
+    assert upload.status_code == 201, upload.text
+    spec = {
+        **DIGITS_CNN,
+        "name": "poisoned",
+        "dataset": {"name": "poisoned"},
+        "training": {"epochs": 1, "batch_size": 50, "validation_split": 0.0},
+        "resources": {"workers": 1},
+    }
+    job_id = service.http.post("/api/v1/jobs", json=spec).json()["id"]
+    job = wait_for(service, job_id, ("succeeded", "failed", "cancelled"))
+    assert job["status"] == "succeeded", job["error"]
+    events = job["run_events"]
+    assert [e["kind"] for e in events] == ["group_started", "diverged", "restored"]
+    assert events[1]["message"].startswith("non-finite loss or gradient at epoch 1, batch ")
+    assert events[1]["message"].endswith("; rolling back and skipping the batch")
+    assert events[2]["message"] == "rolled back to the checkpoint of epoch 0"

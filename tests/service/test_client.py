@@ -131,6 +131,15 @@ def test_watch_says_when_an_attempt_fails_and_the_next_starts(
 ) -> None:
     url, token = served
     job_id = _submitted_and_claimed(url, token, context)
+    assert queue.record_event(
+        session_factory=context.session_factory,
+        job_id=job_id,
+        attempt=1,
+        kind="group_started",
+        epoch=0,
+        step=0,
+        message="1 workers on 1 node(s)",
+    )
     watch = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "watch", str(job_id), "--url", url, "--token", token],
         cwd=ROOT,
@@ -142,7 +151,10 @@ def test_watch_says_when_an_attempt_fails_and_the_next_starts(
     stuck.start()
     try:
         assert watch.stderr is not None
-        assert watch.stderr.readline() == "status: running\n"
+        assert [watch.stderr.readline() for _ in range(2)] == [
+            "group_started: 1 workers on 1 node(s)\n",
+            "status: running\n",
+        ]
         _fail(context, job_id, 1, "MemoryError: out of memory", again=True)
         assert [watch.stderr.readline() for _ in range(2)] == [
             "attempt 1 failed: MemoryError: out of memory\n",

@@ -8,7 +8,7 @@ from service import queue
 from service.auth import create_token
 from service.context import ServiceContext
 from service.db import utcnow
-from service.models import Attempt, AttemptStatus, Job, JobStatus, Metric
+from service.models import Attempt, AttemptStatus, Job, JobStatus, Metric, RunEvent
 from tests.service.factories import add_jobs
 
 LEASE_S = 30.0
@@ -58,6 +58,9 @@ def test_expired_lease_is_reclaimed_and_stale_writes_are_fenced(context: Service
     assert not queue.renew_lease(**stale, lease_s=LEASE_S).held
     assert not queue.finish_attempt(**stale, status=JobStatus.succeeded)
     assert queue.fail_attempt(**stale, error="boom", retry=queue.RetryStrategy()) is None
+    event = dict(kind="restored", epoch=1, step=9, message="rolled back")
+    assert not queue.record_event(**stale, **event)
+    assert queue.record_event(session_factory=factory, job_id=job_id, attempt=2, **event)
 
     assert queue.renew_lease(session_factory=factory, job_id=job_id, attempt=2, lease_s=1).held
     # the new attempt resumes: its rewrite of step 1 does not duplicate the row
@@ -77,6 +80,8 @@ def test_expired_lease_is_reclaimed_and_stale_writes_are_fenced(context: Service
             select(Metric.step, Metric.value, Metric.attempt).order_by(Metric.step)
         ).all()
         assert rows == [(1, 2.0, 1), (2, 1.0, 2)]
+        events = session.execute(select(RunEvent.attempt, RunEvent.kind, RunEvent.step)).all()
+        assert events == [(2, "restored", 9)]
         attempts = session.execute(
             select(Attempt.number, Attempt.status).order_by(Attempt.number)
         ).all()

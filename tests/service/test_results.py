@@ -128,6 +128,16 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
         attempt=attempt,
         rows=[("val_loss", 10, 0.5), ("loss", 5, 0.9), ("loss", 10, 0.7)],
     )
+    for kind, message in (("diverged", "non-finite loss"), ("restored", "rolled back")):
+        assert queue.record_event(
+            session_factory=factory,
+            job_id=job_id,
+            attempt=attempt,
+            kind=kind,
+            epoch=0,
+            step=7,
+            message=message,
+        )
     queue.finish_attempt(
         session_factory=factory, job_id=job_id, attempt=attempt, status=queue.JobStatus.succeeded
     )
@@ -140,11 +150,17 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
                 kind = line.split(":", 1)[1].strip()
             elif line.startswith("data:"):
                 events.append((kind, json.loads(line.split(":", 1)[1])))
-    ended = api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()["attempt_history"]
+    detail = api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()
+    ended = detail["attempt_history"]
+    assert [(e["kind"], e["message"], e["step"]) for e in detail["run_events"]] == [
+        ("diverged", "non-finite loss", 7),
+        ("restored", "rolled back", 7),
+    ]
     assert events == [
         ("metric", {"name": "loss", "step": 5, "value": 0.9}),
         ("metric", {"name": "loss", "step": 10, "value": 0.7}),
         ("metric", {"name": "val_loss", "step": 10, "value": 0.5}),
+        *(("run", event) for event in detail["run_events"]),
         ("attempt", ended[0]),
         ("status", {"status": "succeeded"}),
     ]
