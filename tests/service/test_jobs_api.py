@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from service import queue
+from service.db import utcnow
 from service.models import Job, JobStatus
 from tests.service.conftest import Api
 
@@ -412,6 +413,32 @@ def test_prometheus_metrics(api: Api) -> None:
     text = api.client.get("/metrics", headers=api.a).text
     assert 'trainq_jobs{status="queued"} 1.0' in text
     assert "trainq_http_request_duration_seconds_bucket" in text
+
+
+def test_prometheus_queue_wait_and_run_time_are_means_over_the_jobs(api: Api) -> None:
+    ids = [api.client.post("/api/v1/jobs", json=_job(), headers=api.a).json()["id"] for _ in "abc"]
+    start = utcnow() - timedelta(hours=1)
+    at = {seconds: start + timedelta(seconds=seconds) for seconds in (0, 10, 30, 70.5)}
+    with api.context.session_factory() as session:
+        session.execute(update(Job).values(created_at=at[0]))
+        finished = session.get(Job, ids[0])
+        finished.status, finished.started_at, finished.finished_at = (
+            JobStatus.succeeded,
+            at[10],
+            at[70.5],
+        )
+        running = session.get(Job, ids[1])
+        running.status, running.started_at = JobStatus.running, at[30]
+        session.commit()
+    text = api.client.get("/metrics", headers=api.a).text
+    scraped = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("trainq_") and "{" not in line
+    }
+    assert scraped["trainq_queue_wait_seconds_avg"] == pytest.approx(20.0, abs=1e-3)  # 10, 30
+    assert scraped["trainq_job_duration_seconds_avg"] == pytest.approx(60.5, abs=1e-3)
+    assert 3600 <= scraped["trainq_queue_oldest_seconds"] < 3600 + 60  # ids[2], still queued
 
 
 def test_home_page_points_to_the_api(api: Api) -> None:
