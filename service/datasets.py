@@ -24,6 +24,7 @@ from core.data import (
 from core.text import (
     TEXT_CLASSIFICATION,
     TEXT_LM,
+    Tokenizer,
     text_dataset_from_corpus,
     text_dataset_from_csv,
 )
@@ -59,15 +60,23 @@ def register_builtins(*, session: Session) -> list[str]:
                 DatasetVersion.team_id.is_(None), DatasetVersion.name == name
             )
         ).first()
-        if exists is not None:
+        if exists is not None and exists.label_shape is not None:
             registered.append(name)
             continue
         try:
             described = _describe_builtin(name)
         except DatasetUnavailable as exc:
             log.info("built-in dataset %s not available: %s", name, exc)
+            if exists is not None:
+                registered.append(name)
             continue
-        session.add(DatasetVersion(team_id=None, name=name, version=1, builtin=True, **described))
+        if exists is None:
+            session.add(
+                DatasetVersion(team_id=None, name=name, version=1, builtin=True, **described)
+            )
+        else:  # registered before the row said its targets
+            exists.label_shape = described["label_shape"]
+            exists.vocab_size = described["vocab_size"]
         registered.append(name)
     session.commit()
     return registered
@@ -79,12 +88,31 @@ def _describe_builtin(name: str) -> dict[str, Any]:
     that is not installed is looked for again next time)."""
     dataset = load_dataset(name)
     test_samples = len(dataset.X_test) if dataset.X_test is not None else 0
+    label_shape, vocab_size = targets_of(dataset)
     return {
         "kind": dataset.kind,
         "input_shape": list(dataset.input_shape),
         "num_classes": dataset.num_classes,
         "num_samples": len(dataset.X) + test_samples,
+        "label_shape": list(label_shape),
+        "vocab_size": vocab_size,
     }
+
+
+def targets_of(dataset: Dataset) -> tuple[tuple[int, ...], int | None]:
+    """The shape of one sample's targets (() a label or a number, (time,) a next token
+    per position, (k,) k numbers), and how many token ids a text dataset's inputs use
+    (None for other datasets, or a text dataset without its tokenizer)."""
+    if dataset.kind == TEXT_LM:
+        return tuple(dataset.input_shape), dataset.num_classes
+    if dataset.kind == TEXT_CLASSIFICATION:
+        tokenizer = dataset.meta.get("tokenizer")
+        if not isinstance(tokenizer, dict):
+            return (), None
+        return (), Tokenizer.from_json(tokenizer).vocab_size
+    if dataset.num_classes is not None:
+        return (), None
+    return tuple(int(d) for d in dataset.y.shape[1:]), None
 
 
 def parse_upload(data: bytes, *, kind: str, name: str) -> ParsedUpload:
@@ -155,6 +183,7 @@ def create_version(
         )
     )
     dataset = upload.dataset
+    label_shape, vocab_size = targets_of(dataset)
     version = DatasetVersion(
         team_id=team.id,
         name=name,
@@ -165,6 +194,8 @@ def create_version(
         input_shape=list(dataset.input_shape),
         num_classes=dataset.num_classes,
         num_samples=len(dataset.X),
+        label_shape=list(label_shape),
+        vocab_size=vocab_size,
     )
     session.add(version)
     session.commit()

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from core import Dataset, JobSpec, SpecError, parse_job_spec, summarize
 from core.data import DatasetUnavailable
-from core.text import TEXT_CLASSIFICATION, TEXT_LM, Tokenizer
+from core.text import TEXT_CLASSIFICATION, TEXT_LM
 from service import queue
 from service.artifacts import ArtifactStore
-from service.datasets import load_version, resolve_version, resolved_id
+from service.datasets import load_version, resolve_version, resolved_id, targets_of
 from service.db import begin_single_write, begin_write, utcnow
 from service.errors import Conflict, Invalid, NotFound
 from service.models import Attempt, DatasetVersion, Job, JobStatus, RunEvent, Team
@@ -181,31 +181,25 @@ def targets_and_vocabulary(
     """The shape of one sample's targets and a text dataset's vocabulary size, each
     None when unknown.
 
-    The row says them for a language model's corpus (a next token per input position,
-    the vocabulary its classes) and for class labels otherwise (one per sample). The
-    vocabulary of labelled texts is read from the data, and a regression's targets
-    from its ``y`` alone; ``loaded``, the version's data when the caller has it, is
-    read instead.
+    The row says them (see :func:`service.datasets.targets_of`). An upload stored
+    before it did is read: ``loaded``, its data when the caller has it, or from the
+    store (a regression's ``y`` alone); with neither, what its row implies.
     """
+    if version.label_shape is not None:
+        return tuple(version.label_shape), version.vocab_size
     if version.kind == TEXT_LM:
         return tuple(version.input_shape), version.num_classes
     label_shape = () if version.num_classes is not None else None
     if version.kind != TEXT_CLASSIFICATION and label_shape is not None:
         return label_shape, None
-    if loaded is None and store is None:
+    if loaded is not None:
+        return targets_of(loaded)
+    if store is None:
         return label_shape, None
     try:
         if version.kind == TEXT_CLASSIFICATION:
-            if loaded is None:
-                assert store is not None
-                loaded = load_version(store=store, version=version)
-            tokenizer = loaded.meta.get("tokenizer")
-            if not isinstance(tokenizer, dict):
-                return label_shape, None
-            return label_shape, Tokenizer.from_json(tokenizer).vocab_size
-        if loaded is not None:
-            return tuple(int(d) for d in loaded.y.shape[1:]), None
-        assert store is not None and version.sha256 is not None  # built-ins all have classes
+            return targets_of(load_version(store=store, version=version))
+        assert version.sha256 is not None  # built-ins all have classes
         with np.load(io.BytesIO(store.get(version.sha256)), allow_pickle=False) as arrays:
             return tuple(int(d) for d in arrays["y"].shape[1:]), None
     except (DatasetUnavailable, KeyError, OSError, ValueError) as exc:

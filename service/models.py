@@ -186,4 +186,9 @@ class DatasetVersion(Base):
     input_shape: Mapped[list[int]] = mapped_column(JSON)
     num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     num_samples: Mapped[int] = mapped_column(Integer)
+    #: One sample's targets: [] a label or a number, [time] a label per token, [k] k
+    #: numbers. NULL on an upload stored before revision 0003: read from its data.
+    label_shape: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    #: How many token ids a text dataset's inputs use; NULL for other datasets.
+    vocab_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -92,6 +92,11 @@ class DatasetPublic(_Public):
     input_shape: list[int]
     num_classes: int | None
     num_samples: int
+    #: One sample's targets ([] a label or a number); null on an upload stored before
+    #: the service kept it.
+    label_shape: list[int] | None
+    #: How many token ids a text dataset's inputs use (an embedding's least vocab_size).
+    vocab_size: int | None
     created_at: Moment
 
 

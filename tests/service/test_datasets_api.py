@@ -45,6 +45,7 @@ def test_builtins_are_listed_for_every_team(api: Api) -> None:
     digits = api.client.get("/api/v1/datasets/digits", headers=api.a).json()["data"]
     assert digits[0]["builtin"] and digits[0]["input_shape"] == [1, 8, 8]
     assert digits[0]["num_classes"] == 10 and digits[0]["num_samples"] == 1797
+    assert (digits[0]["label_shape"], digits[0]["vocab_size"]) == ([], None)
 
 
 def test_npz_upload_makes_versions_and_a_job_can_train_on_it(api: Api) -> None:
@@ -61,6 +62,8 @@ def test_npz_upload_makes_versions_and_a_job_can_train_on_it(api: Api) -> None:
         "input_shape": [5],
         "num_classes": 2,
         "num_samples": 120,
+        "label_shape": [],
+        "vocab_size": None,
         "created_at": None,
     }
     second = _post(api, _npz(X=X[:60], y=y[:60]))

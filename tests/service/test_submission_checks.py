@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.data import Dataset, load_dataset
 from core.text import Tokenizer, text_dataset_from_csv
-from service.models import Job
+from service.datasets import register_builtins
+from service.errors import Invalid
+from service.jobs import SubmissionCache, create_job
+from service.models import DatasetVersion, Job, Team
 from tests.service.conftest import Api
 from tests.service.factories import TRIVIAL_SPEC, sentiment_classifier
 
@@ -72,6 +75,14 @@ def _npz(X: np.ndarray, y: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, X=X, y=y)
     return buffer.getvalue()
+
+
+def _reviews() -> tuple[bytes, int]:
+    """A labelled-text upload, and the vocabulary the run will build from it."""
+    rows = ["text,label", *[f"review {i} was good,pos" for i in range(20)]]
+    rows += [f"review {i} was bad,neg" for i in range(20)]
+    data = "\n".join(rows).encode()
+    return data, _vocab_size(text_dataset_from_csv(data))
 
 
 # --- the loss and the labels --------------------------------------------------------------
@@ -164,11 +175,8 @@ def test_an_embedding_smaller_than_the_vocabulary_is_refused(api: Api) -> None:
 
 
 def test_an_uploaded_text_dataset_vocabulary_is_checked_too(api: Api) -> None:
-    rows = ["text,label", *[f"review {i} was good,pos" for i in range(20)]]
-    rows += [f"review {i} was bad,neg" for i in range(20)]
-    data = "\n".join(rows).encode()
+    data, vocab = _reviews()
     _upload(api, "reviews", data, fmt="csv")
-    vocab = _vocab_size(text_dataset_from_csv(data))  # what the run will build
     loc = ["body", "model", "layers", 0, "vocab_size"]
     _refused(api, _classifier("reviews", vocab - 1), loc, f"vocabulary of {vocab} tokens")
     _accepted(api, _classifier("reviews", vocab))
@@ -190,6 +198,73 @@ def test_a_language_model_embedding_is_checked_against_its_corpus(api: Api) -> N
         "optimizer": {"type": "adam", "lr": 0.01},
     }
     _refused(api, spec, ["body", "model", "layers", 0, "vocab_size"], f"at least {vocab}")
+
+
+# --- where the checks read the targets ----------------------------------------------------
+
+
+def test_an_upload_row_says_its_targets_and_vocabulary(api: Api) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    coords = _upload(api, "coords", _npz(X, X[:, :3]))
+    data, vocab = _reviews()
+    reviews = _upload(api, "reviews", data, fmt="csv")
+    corpus = _upload(api, "corpus", b"the cat sat on the mat. " * 40, fmt="txt")
+    assert (coords["label_shape"], coords["vocab_size"]) == ([3], None)
+    assert (reviews["label_shape"], reviews["vocab_size"]) == ([], vocab)
+    assert (corpus["label_shape"], corpus["vocab_size"]) == (
+        corpus["input_shape"],
+        corpus["num_classes"],
+    )
+    with api.context.session_factory() as session:
+        # the row alone is enough: a submission that cannot read the data checks it too
+        team = session.scalars(select(Team).where(Team.name == "team-a")).one()
+        for spec, field in (
+            (_job(dataset={"name": "coords"}, model=_head(2, "mse", flatten=False)), "loss"),
+            (_classifier("reviews", vocab - 1), "layers"),
+        ):
+            with pytest.raises(Invalid) as refused:
+                create_job(
+                    session=session,
+                    team=team,
+                    body=spec,
+                    limits=api.context.limits,
+                    cache=SubmissionCache(store=None),
+                )
+            assert refused.value.loc[:3] == ("body", "model", field)
+
+
+def test_an_upload_stored_before_its_row_said_its_targets_is_read(api: Api) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    _upload(api, "coords", _npz(X, X[:, :3]))
+    data, vocab = _reviews()
+    _upload(api, "reviews", data, fmt="csv")
+    with api.context.session_factory() as session:  # as revision 0003 leaves older rows
+        session.execute(update(DatasetVersion).values(label_shape=None, vocab_size=None))
+        session.commit()
+    _refused(
+        api,
+        _job(dataset={"name": "coords"}, model=_head(2, "mse", flatten=False)),
+        ["body", "model", "loss"],
+        "targets (3,) per sample, so mse needs 3 outputs",
+    )
+    loc = ["body", "model", "layers", 0, "vocab_size"]
+    _refused(api, _classifier("reviews", vocab - 1), loc, f"vocabulary of {vocab} tokens")
+    _accepted(api, _classifier("reviews", vocab))
+
+
+def test_registering_the_built_ins_fills_in_their_targets(api: Api) -> None:
+    with api.context.session_factory() as session:
+        session.execute(update(DatasetVersion).values(label_shape=None, vocab_size=None))
+        session.commit()
+        register_builtins(session=session)
+        rows = {
+            row.name: (row.label_shape, row.vocab_size)
+            for row in session.scalars(select(DatasetVersion))
+        }
+    assert rows["digits"] == ([], None)
+    assert rows["tiny_sentiment"] == ([], _vocab_size(load_dataset("tiny_sentiment")))
 
 
 # --- optimizer bounds -----------------------------------------------------------------------
