@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 BAR_WIDTH = 30
+#: What ``trainq upload`` sends (the API's ``format``), told by a file's suffix.
+UPLOAD_FORMATS = ("npz", "csv", "txt")
 
 
 class ProgressBar:
@@ -366,6 +368,85 @@ def _watch(args: argparse.Namespace) -> int:
     return 0 if final["status"] == "succeeded" else 1
 
 
+def _describe(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job_id)
+    print(f"job {job['id']} {job['name']}: {job['status']}")
+    progress = job["progress"]
+    said = f"epoch {progress['epochs_done']}/{progress['epochs']}"
+    if job["status"] == "running":
+        said = _progress(progress)
+    elif job["status"] == "queued":
+        said += f"; {job['jobs_ahead']} job(s) ahead in the queue"
+    print(f"  dataset    {job['dataset_name']} v{job['dataset_version']}")
+    print(f"  progress   {said}")
+    times = [f"submitted {job['created_at']}"]
+    if job["queue_wait_s"] is not None:
+        times.append(f"waited {job['queue_wait_s']:.1f} s")
+    if job["run_time_s"] is not None:
+        times.append(f"ran {job['run_time_s']:.1f} s")
+    print(f"  times      {'; '.join(times)}")
+    if job["attempt_history"]:
+        print("  attempts")
+    for attempt in job["attempt_history"]:
+        error = f": {attempt['error']}" if attempt["error"] else ""
+        print(f"    {attempt['number']} {attempt['status']} on {attempt['dispatcher']}{error}")
+    if job["run_events"]:
+        print("  run events")
+    for event in job["run_events"]:
+        print(
+            f"    attempt {event['attempt']}, after epoch {event['epoch']}: "
+            f"{event['kind']}: {event['message']}"
+        )
+    final = {k: v for k, v in (job["final_metrics"] or {}).items() if "/" not in k}
+    if final:
+        print("  final metrics")
+    for name, value in final.items():
+        print(f"    {name} {value:.4g}")
+    if job["error"]:
+        print(f"  error: {job['error']}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    listed = _client(args).datasets(args.name)["data"]
+    print(f"{'name':<24} {'version':>7}  {'kind':<20} {'input shape':<14} {'classes':>7} samples")
+    for dataset in listed:
+        shape = "x".join(str(d) for d in dataset["input_shape"])
+        classes = dataset["num_classes"] if dataset["num_classes"] is not None else "-"
+        origin = "  built-in" if dataset["builtin"] else ""
+        print(
+            f"{dataset['name'][:24]:<24} {dataset['version']:>7}  {dataset['kind']:<20} "
+            f"{shape:<14} {classes:>7} {dataset['num_samples']}{origin}"
+        )
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    fmt = args.format or path.suffix.lstrip(".").lower()
+    if fmt not in UPLOAD_FORMATS:
+        raise CommandError(
+            f"{path}: cannot tell its format from its name; --format is one of "
+            f"{', '.join(UPLOAD_FORMATS)}"
+        )
+    dataset = _client(args).upload(args.name, path.read_bytes(), fmt)
+    shape = "x".join(str(d) for d in dataset["input_shape"])
+    print(
+        f"dataset {dataset['name']} version {dataset['version']}: {dataset['kind']}, "
+        f"{dataset['num_samples']} samples of {shape}"
+    )
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    data = _client(args).artifact(args.job_id, args.epoch)
+    default = f"job-{args.job_id}" + (f"-epoch-{args.epoch}" if args.epoch is not None else "")
+    path = Path(args.output or f"{default}.npz")
+    path.write_bytes(data)
+    print(f"saved {path} ({len(data):,} bytes)")
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     job = _client(args).cancel(args.job_id)
     if job["status"] == "cancelled":
@@ -439,6 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--names")
     metrics.add_argument("--max-points", type=int)
     metrics.set_defaults(run=_metrics)
+    describe = client_command("describe", "a job: progress, attempts, run events, result")
+    describe.add_argument("job_id", type=int)
+    describe.set_defaults(run=_describe)
+    download = client_command("download", "a job's model, or a checkpoint, as .npz")
+    download.add_argument("job_id", type=int)
+    download.add_argument("--epoch", type=int, help="the checkpoint of this epoch")
+    download.add_argument("-o", "--output", help="file to write (job-ID[-epoch-N].npz)")
+    download.set_defaults(run=_download)
+    datasets = client_command("datasets", "the team's datasets and the built-ins")
+    datasets.add_argument("name", nargs="?", help="one dataset's versions")
+    datasets.set_defaults(run=_datasets)
+    upload = client_command("upload", "upload a dataset file as the next version of NAME")
+    upload.add_argument("name")
+    upload.add_argument("file", help=".npz (X, y), .csv or .txt")
+    upload.add_argument("--format", choices=UPLOAD_FORMATS, help="when the suffix does not say")
+    upload.set_defaults(run=_upload)
 
     train = commands.add_parser("train", help="train a job spec in this process")
     train.add_argument("file", help="job spec (JSON)")

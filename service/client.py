@@ -101,6 +101,21 @@ class Client:
         params = {k: v for k, v in params.items() if v is not None}
         return self._send("GET", f"/api/v1/jobs/{job_id}/metrics", params=params)
 
+    def artifact(self, job_id: int, epoch: int | None = None) -> bytes:
+        """The job's final model, or its checkpoint of ``epoch``, as ``.npz`` bytes."""
+        path = f"/api/v1/jobs/{job_id}/model"
+        if epoch is not None:
+            path = f"/api/v1/jobs/{job_id}/checkpoints/{epoch}"
+        return self._send("GET", path).content
+
+    def datasets(self, name: str | None = None) -> dict[str, Any]:
+        path = f"/api/v1/datasets/{name}" if name else "/api/v1/datasets"
+        return self._send("GET", path).json()
+
+    def upload(self, name: str, data: bytes, fmt: str) -> dict[str, Any]:
+        params = {"name": name, "format": fmt}
+        return self._send("POST", "/api/v1/datasets", params=params, content=data).json()
+
     def events(self, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(event, data)`` pairs from the job's server-sent events until it ends."""
         path = f"/api/v1/jobs/{job_id}/events"

@@ -251,8 +251,8 @@ def _json(schema: type[BaseModel], row: object) -> dict[str, Any]:
 async def job_events(
     job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
 ) -> StreamingResponse:
-    """Server-sent events: ``metric`` rows as they arrive, ``run`` for each run event
-    (workers started or failed, a divergence rolled back), ``attempt`` when an attempt
+    """Server-sent events: ``run`` for each run event (workers started or failed, a
+    divergence rolled back), ``metric`` rows as they arrive, ``attempt`` when an attempt
     starts or ends (so a retry between two polls is still seen), and ``status`` when
     the job's status changes."""
     job = await run_in_threadpool(job_service.get_job, session=session, team=team, job_id=job_id)
@@ -288,13 +288,15 @@ async def job_events(
                 for step, value in points
                 if step > seen.get(name, -1)
             )
+            # Run events first: replaying a job that has ended, "2 workers on 1 node(s)"
+            # comes before its epochs (live, each comes within a poll of happening).
+            for event_id, event in polled.run_events:
+                yield f"event: run\ndata: {json.dumps(event)}\n\n"
+                last_event = event_id
             for step, name, value in fresh:  # in the order training produced them
                 payload = {"name": name, "step": step, "value": value}
                 yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
                 seen[name] = step
-            for event_id, event in polled.run_events:
-                yield f"event: run\ndata: {json.dumps(event)}\n\n"
-                last_event = event_id
             for attempt in polled.attempts:
                 if attempts_sent.get(attempt["number"]) != attempt:
                     attempts_sent[attempt["number"]] = attempt

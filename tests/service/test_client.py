@@ -6,14 +6,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service import queue
 from service.auth import create_token
+from service.cli import UPLOAD_FORMATS
 from service.client import ApiError, Client
 from service.context import ServiceContext
-from service.datasets import register_builtins
+from service.datasets import UPLOAD_KINDS, register_builtins
 from tests.factories import ROOT
 from tests.servers import free_port, serving
 from tests.service.factories import TRIVIAL_SPEC
@@ -193,3 +196,96 @@ def test_jobs_shows_how_far_a_running_job_is_and_how_long_it_has_left(
     row = listed.stdout.splitlines()[1]
     assert row.startswith(f"{job_id:>6}  running    trivial ")
     assert row.endswith(" epoch 1/4, about 4 min left")  # 3 epochs of 75.5 s
+
+
+def test_describe_says_what_happened_to_a_job(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    factory = context.session_factory
+    job_id = _submitted_and_claimed(url, token, context)
+    _fail(context, job_id, 1, "MemoryError: out of memory", again=True)
+    fence = {"session_factory": factory, "job_id": job_id, "attempt": 2}
+    assert queue.record_event(
+        **fence, kind="group_started", epoch=0, step=0, message="1 workers on 1 node(s)"
+    )
+    assert queue.write_metrics(**fence, rows=[("epoch", 12, 1.0), ("epoch_time_s", 12, 2.0)])
+    assert queue.finish_attempt(
+        **fence,
+        status=queue.JobStatus.succeeded,
+        final_metrics={"val_accuracy": 0.5, "grad_norm/1.dense": 3.0},
+    )
+    described = trainq("describe", str(job_id), "--url", url, "--token", token)
+    assert described.returncode == 0, described.stderr
+    lines = described.stdout.splitlines()
+    assert lines[:3] == [
+        f"job {job_id} trivial: succeeded",
+        "  dataset    digits v1",
+        "  progress   epoch 1/1",
+    ]
+    assert lines[3].startswith("  times      submitted ") and "; waited " in lines[3]
+    assert lines[4:] == [
+        "  attempts",
+        "    1 failed on d: MemoryError: out of memory",
+        "    2 succeeded on d2",
+        "  run events",
+        "    attempt 2, after epoch 0: group_started: 1 workers on 1 node(s)",
+        "  final metrics",
+        "    val_accuracy 0.5",
+    ]
+
+
+def test_upload_list_and_download_from_the_command_line(
+    served: tuple[str, str], context: ServiceContext, tmp_path: Path
+) -> None:
+    url, token = served
+    at = ("--url", url, "--token", token)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((30, 4)).astype(np.float32)
+    upload = tmp_path / "blobs.npz"
+    np.savez(upload, X=X, y=(X[:, 0] > 0).astype(np.int64))
+    result = trainq("upload", "blobs", upload, *at)
+    assert (result.returncode, result.stdout) == (
+        0,
+        "dataset blobs version 1: tabular, 30 samples of 4\n",
+    )
+    listed = trainq("datasets", "blobs", *at).stdout.splitlines()
+    assert listed[1].split() == ["blobs", "1", "tabular", "4", "2", "30"]
+    assert "digits" in trainq("datasets", *at).stdout
+    unknown = trainq("upload", "blobs", tmp_path / "blobs.data", *at)
+    assert (unknown.returncode, unknown.stderr) == (
+        2,
+        f"trainq: {tmp_path / 'blobs.data'}: cannot tell its format from its name; "
+        "--format is one of npz, csv, txt\n",
+    )
+    assert UPLOAD_FORMATS == UPLOAD_KINDS
+
+    job_id = _submitted_and_claimed(url, token, context)
+    fence = {"session_factory": context.session_factory, "job_id": job_id, "attempt": 1}
+    missing = trainq("download", str(job_id), "-o", tmp_path / "model.npz", *at)
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"trainq: HTTP 404: job {job_id} has no model yet (status running)\n",
+    )
+    checkpoint, model = b"checkpoint of epoch 1", b"the final model"
+    assert queue.record_checkpoint(
+        **fence,
+        epoch=1,
+        step=9,
+        sha256=context.store.put(checkpoint),
+        size_bytes=len(checkpoint),
+    )
+    assert queue.finish_attempt(
+        **fence, status=queue.JobStatus.succeeded, model_sha256=context.store.put(model)
+    )
+    saved = subprocess.run(  # to the default file, in the working directory
+        [sys.executable, "-m", "service.cli", "download", str(job_id), *at],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert saved.stdout == f"saved job-{job_id}.npz ({len(model)} bytes)\n", saved.stderr
+    assert (tmp_path / f"job-{job_id}.npz").read_bytes() == model
+    saved = trainq("download", str(job_id), "--epoch", "1", "-o", tmp_path / "c.npz", *at)
+    assert saved.returncode == 0 and (tmp_path / "c.npz").read_bytes() == checkpoint

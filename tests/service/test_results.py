@@ -157,10 +157,10 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
         ("restored", "rolled back", 7),
     ]
     assert events == [
+        *(("run", event) for event in detail["run_events"]),
         ("metric", {"name": "loss", "step": 5, "value": 0.9}),
         ("metric", {"name": "loss", "step": 10, "value": 0.7}),
         ("metric", {"name": "val_loss", "step": 10, "value": 0.5}),
-        *(("run", event) for event in detail["run_events"]),
         ("attempt", ended[0]),
         ("status", {"status": "succeeded"}),
     ]
