@@ -339,8 +339,12 @@ class _EpochPrinter:
 def _watch(args: argparse.Namespace) -> int:
     client = _client(args)
     job = client.job(args.job_id)
-    running = f" ({_progress(job['progress'])})" if job["status"] == "running" else ""
-    print(f"job {job['id']} {job['name']}: {job['status']}{running}")
+    where = ""
+    if job["status"] == "running":
+        where = f" ({_progress(job['progress'])})"
+    elif job["status"] == "queued":
+        where = f" ({job['jobs_ahead']} job(s) ahead)"
+    print(f"job {job['id']} {job['name']}: {job['status']}{where}")
     printer = _EpochPrinter(job["spec"]["training"]["epochs"])
     for event, data in client.events(args.job_id):
         if event == "status":

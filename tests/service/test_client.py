@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,27 @@ def test_events_tell_each_attempt_as_it_starts_and_ends(
     assert rest[0][1]["error"] == "RuntimeError: boom"
 
 
+@contextmanager
+def _watching(url: str, token: str, job_id: int) -> Iterator[subprocess.Popen[str]]:
+    """``trainq watch JOB`` as a process whose output the test reads line by line; one
+    that a line never comes to is killed after ``TIMEOUT_S``, which ends the test."""
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "watch", str(job_id), "--url", url, "--token", token],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stuck = threading.Timer(TIMEOUT_S, watch.kill)
+    stuck.start()
+    try:
+        yield watch
+    finally:
+        stuck.cancel()
+        watch.kill()
+        watch.wait()
+
+
 def test_watch_says_when_an_attempt_fails_and_the_next_starts(
     served: tuple[str, str], context: ServiceContext
 ) -> None:
@@ -143,16 +165,7 @@ def test_watch_says_when_an_attempt_fails_and_the_next_starts(
         step=0,
         message="1 workers on 1 node(s)",
     )
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "watch", str(job_id), "--url", url, "--token", token],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    stuck = threading.Timer(TIMEOUT_S, watch.kill)  # a line that never comes ends the test
-    stuck.start()
-    try:
+    with _watching(url, token, job_id) as watch:
         assert watch.stderr is not None
         assert [watch.stderr.readline() for _ in range(2)] == [
             "group_started: 1 workers on 1 node(s)\n",
@@ -165,9 +178,6 @@ def test_watch_says_when_an_attempt_fails_and_the_next_starts(
         ]
         _fail(context, job_id, 2, "MemoryError: out of memory", again=False)
         out, err = watch.communicate(timeout=TIMEOUT_S)
-    finally:
-        stuck.cancel()
-        watch.kill()
     assert watch.returncode == 1
     assert err.splitlines() == ["attempt 2 failed: MemoryError: out of memory", "status: failed"]
     assert out.splitlines() == [
@@ -289,3 +299,18 @@ def test_upload_list_and_download_from_the_command_line(
     assert (tmp_path / f"job-{job_id}.npz").read_bytes() == model
     saved = trainq("download", str(job_id), "--epoch", "1", "-o", tmp_path / "c.npz", *at)
     assert saved.returncode == 0 and (tmp_path / "c.npz").read_bytes() == checkpoint
+
+
+def test_a_queued_job_says_how_many_jobs_are_ahead(served: tuple[str, str]) -> None:
+    url, token = served
+    client = Client(url, token)
+    first, second = (client.submit(TRIVIAL_SPEC)["id"] for _ in range(2))
+    described = trainq("describe", str(second), "--url", url, "--token", token)
+    assert described.stdout.splitlines()[2] == "  progress   epoch 0/1; 1 job(s) ahead in the queue"
+    with _watching(url, token, second) as watch:
+        assert watch.stderr is not None
+        assert watch.stderr.readline() == "status: queued\n"
+        client.cancel(second)
+        out, _ = watch.communicate(timeout=TIMEOUT_S)
+    assert out.splitlines()[0] == f"job {second} trivial: queued (1 job(s) ahead)"
+    assert client.job(first)["status"] == "queued"
