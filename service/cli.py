@@ -299,11 +299,14 @@ class _EpochPrinter:
         self.stream = stream
         self.live = stream.isatty()
         self.pending_step: int | None = None
+        self.printed_step = -1  # the step of the last epoch printed
         self.rows: dict[int, dict[str, float]] = {}
         self.done = 0
         self.loss = float("nan")
 
     def metric(self, name: str, step: int, value: float) -> None:
+        if name != "loss" and step <= self.printed_step:
+            return  # sent again after a reconnection; its epoch is printed
         if self.pending_step is not None and step != self.pending_step:
             self.flush()
         if name == "loss":
@@ -324,6 +327,7 @@ class _EpochPrinter:
         if self.pending_step is None:
             return
         row = self.rows.pop(self.pending_step, {})
+        self.printed_step = self.pending_step
         self.pending_step = None
         self.done = int(row.get("epoch", self.done + 1))
         parts = "  ".join(f"{k} {row[k]:.4g}" for k in self.SHOWN if k in row)
@@ -346,21 +350,28 @@ def _watch(args: argparse.Namespace) -> int:
         where = f" ({job['jobs_ahead']} job(s) ahead)"
     print(f"job {job['id']} {job['name']}: {job['status']}{where}")
     printer = _EpochPrinter(job["spec"]["training"]["epochs"])
+    # A reconnected stream sends the status and the attempts again: each is said once.
+    said: set[tuple[int, str]] = set()  # (attempt number, its status)
+    status = None
     for event, data in client.events(args.job_id):
-        if event == "status":
-            printer.flush()
-            print(f"status: {data['status']}", file=sys.stderr)
-        elif event == "metric":
+        if event == "metric":
             printer.metric(data["name"], data["step"], data["value"])
+            continue
+        line = None
+        if event == "status" and data["status"] != status:
+            status = data["status"]
+            line = f"status: {status}"
         elif event == "run":
+            line = f"{data['kind']}: {data['message']}"
+        elif event == "attempt" and (data["number"], data["status"]) not in said:
+            said.add((data["number"], data["status"]))
+            if data["status"] in ("failed", "lost"):
+                line = f"attempt {data['number']} {data['status']}: {data['error']}"
+            elif data["status"] == "running" and data["number"] > 1:
+                line = f"attempt {data['number']} started"
+        if line is not None:
             printer.flush()
-            print(f"{data['kind']}: {data['message']}", file=sys.stderr)
-        elif event == "attempt" and data["status"] in ("failed", "lost"):
-            printer.flush()
-            print(f"attempt {data['number']} {data['status']}: {data['error']}", file=sys.stderr)
-        elif event == "attempt" and data["status"] == "running" and data["number"] > 1:
-            printer.flush()
-            print(f"attempt {data['number']} started", file=sys.stderr)
+            print(line, file=sys.stderr)
     printer.flush()
     final = client.job(args.job_id)
     print(f"job {final['id']} {final['status']}")

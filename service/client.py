@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,11 @@ from core.errors import format_loc
 from service.settings import get_settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: The id of the events stream's last event (the job's terminal status).
+STREAM_END = "end"
+#: How long :meth:`Client.events` tries to reconnect a dropped stream, and how often.
+RECONNECT_S = 60.0
+RECONNECT_PAUSE_S = 0.5
 TOKEN_FILE = "token"
 
 
@@ -116,18 +122,54 @@ class Client:
         params = {"name": name, "format": fmt}
         return self._send("POST", "/api/v1/datasets", params=params, content=data).json()
 
-    def events(self, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(event, data)`` pairs from the job's server-sent events until it ends."""
+    def events(
+        self, job_id: int, *, reconnect_s: float = RECONNECT_S
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(event, data)`` pairs from the job's server-sent events until it ends.
+
+        A connection that drops (the API restarted, a proxy cut it) is opened again,
+        going on from the last event's id; after ``reconnect_s`` seconds of failed
+        tries, :class:`ApiUnreachable`. A metric row may come twice across a
+        reconnection (the same name and step), and the status and attempts come again.
+        """
         path = f"/api/v1/jobs/{job_id}/events"
-        with self._reaching(), self.http.stream("GET", path, timeout=None) as response:
-            self._check(response)
-            event = "message"
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    yield event, json.loads(line[5:])
-                    event = "message"
+        last_id: str | None = None
+        failing_since: float | None = None
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+            dropped = "it ended early"
+            try:
+                with (
+                    self._reaching(),
+                    self.http.stream("GET", path, headers=headers, timeout=None) as response,
+                ):
+                    if response.status_code == 204:  # it had ended before
+                        return
+                    self._check(response)
+                    failing_since = None
+                    event, event_id = "message", None
+                    for line in response.iter_lines():
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("id:"):
+                            event_id = line[3:].strip()
+                        elif line.startswith("data:"):
+                            yield event, json.loads(line[5:])
+                            last_id = event_id if event_id is not None else last_id
+                            event, event_id = "message", None
+            except ApiUnreachable as exc:
+                if last_id is None:  # never reached it: say so at once
+                    raise
+                dropped = str(exc)
+            if last_id == STREAM_END:
+                return
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > reconnect_s:
+                raise ApiUnreachable(
+                    f"job {job_id}'s events stopped coming and did not come back within "
+                    f"{reconnect_s:g} s; last: {dropped}"
+                )
+            time.sleep(RECONNECT_PAUSE_S)
 
 
 def save_token(home: Path, token: str) -> Path:

@@ -22,7 +22,7 @@ from service.api.body import json_body_openapi, read_json_object, read_model
 from service.api.deps import ContextDep, SessionDep, StoreDep, TeamDep
 from service.artifacts import ArtifactStore
 from service.datasets import resolve_version
-from service.errors import NotFound
+from service.errors import Invalid, NotFound
 from service.models import TERMINAL_STATUSES, Job, JobStatus, Team
 from service.predict import ModelCache, predict
 from service.schemas import (
@@ -247,15 +247,48 @@ def _json(schema: type[BaseModel], row: object) -> dict[str, Any]:
     return schema.model_validate(row).model_dump(mode="json")
 
 
-@router.get("/{job_id}/events")
+#: The ``id`` of the event that ends a stream (the job's terminal status).
+STREAM_END = "end"
+
+
+def _resume_point(last_event_id: str | None) -> tuple[int, int]:
+    """Where a reconnecting client's ``Last-Event-ID`` says to go on: metric rows after
+    a step, run events after an id."""
+    if last_event_id is None:
+        return -1, 0
+    step, _, event = last_event_id.partition(".")
+    try:
+        return int(step), int(event)
+    except ValueError:
+        raise Invalid(
+            ("header", "Last-Event-ID"),
+            f"{last_event_id!r} is not an id this stream sent (STEP.EVENT, or {STREAM_END!r})",
+        ) from None
+
+
+@router.get("/{job_id}/events", response_model=None)
 async def job_events(
-    job_id: int, request: Request, context: ContextDep, session: SessionDep, team: TeamDep
-) -> StreamingResponse:
+    job_id: int,
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    team: TeamDep,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> StreamingResponse | Response:
     """Server-sent events: ``run`` for each run event (workers started or failed, a
     divergence rolled back), ``metric`` rows as they arrive, ``attempt`` when an attempt
     starts or ends (so a retry between two polls is still seen), and ``status`` when
-    the job's status changes."""
+    the job's status changes.
+
+    Each event's ``id`` says where a reconnection (``Last-Event-ID``) goes on: run
+    events after the last sent, metric rows from the step every series had reached
+    (at least once: a row may come again, the same ``(name, step)``), the attempts and
+    the status as they are then. The terminal status has the id ``end``: a client that
+    reconnects after it gets 204, which tells a browser's EventSource to stop."""
     job = await run_in_threadpool(job_service.get_job, session=session, team=team, job_id=job_id)
+    if last_event_id == STREAM_END:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    floor, after_event = _resume_point(last_event_id)
     factory = context.session_factory
 
     def poll(last_step: int, last_event: int) -> Polled:
@@ -278,33 +311,39 @@ async def job_events(
         last_status: str | None = None
         seen: dict[str, int] = {}  # series name -> last step sent
         attempts_sent: dict[int, dict[str, Any]] = {}  # attempt number -> as last sent
-        last_event = 0  # id of the last run event sent
+        last_event = after_event  # id of the last run event sent
+
+        def sent(kind: str, data: dict[str, Any], event_id: str | None = None) -> str:
+            since = min(seen.values()) if seen else floor
+            event_id = event_id or f"{since}.{last_event}"
+            return f"event: {kind}\nid: {event_id}\ndata: {json.dumps(data)}\n\n"
+
         while True:
-            since = min(seen.values()) if seen else -1
+            since = min(seen.values()) if seen else floor
             polled = await run_in_threadpool(poll, since, last_event)
             fresh = sorted(
                 (step, name, value)
                 for name, points in polled.series.items()
                 for step, value in points
-                if step > seen.get(name, -1)
+                if step > seen.get(name, floor)
             )
             # Run events first: replaying a job that has ended, "2 workers on 1 node(s)"
             # comes before its epochs (live, each comes within a poll of happening).
             for event_id, event in polled.run_events:
-                yield f"event: run\ndata: {json.dumps(event)}\n\n"
                 last_event = event_id
+                yield sent("run", event)
             for step, name, value in fresh:  # in the order training produced them
-                payload = {"name": name, "step": step, "value": value}
-                yield f"event: metric\ndata: {json.dumps(payload)}\n\n"
                 seen[name] = step
+                yield sent("metric", {"name": name, "step": step, "value": value})
             for attempt in polled.attempts:
                 if attempts_sent.get(attempt["number"]) != attempt:
                     attempts_sent[attempt["number"]] = attempt
-                    yield f"event: attempt\ndata: {json.dumps(attempt)}\n\n"
+                    yield sent("attempt", attempt)
+            ended = polled.status in TERMINAL_STATUSES
             if polled.status != last_status:
                 last_status = polled.status
-                yield f"event: status\ndata: {json.dumps({'status': polled.status})}\n\n"
-            if polled.status in TERMINAL_STATUSES or await request.is_disconnected():
+                yield sent("status", {"status": polled.status}, STREAM_END if ended else None)
+            if ended or await request.is_disconnected():
                 return
             await asyncio.sleep(EVENTS_POLL_S)
 

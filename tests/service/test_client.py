@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from service.client import ApiError, Client
 from service.context import ServiceContext
 from service.datasets import UPLOAD_KINDS, register_builtins
 from tests.factories import ROOT
-from tests.servers import free_port, serving
+from tests.servers import CuttingProxy, free_port, serving
 from tests.service.factories import TRIVIAL_SPEC
 from tests.service.test_cli import TIMEOUT_S, trainq
 
@@ -92,8 +93,10 @@ def _fail(context: ServiceContext, job_id: int, attempt: int, error: str, *, aga
         assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, attempt + 1)
 
 
-def _submitted_and_claimed(url: str, token: str, context: ServiceContext) -> int:
-    job_id = Client(url, token).submit(TRIVIAL_SPEC)["id"]
+def _submitted_and_claimed(
+    url: str, token: str, context: ServiceContext, spec: dict[str, Any] = TRIVIAL_SPEC
+) -> int:
+    job_id = Client(url, token).submit(spec)["id"]
     claimed = queue.claim_next_job(session_factory=context.session_factory, owner="d", lease_s=60.0)
     assert claimed is not None and (claimed.id, claimed.attempt) == (job_id, 1)
     return int(job_id)
@@ -314,3 +317,56 @@ def test_a_queued_job_says_how_many_jobs_are_ahead(served: tuple[str, str]) -> N
         out, _ = watch.communicate(timeout=TIMEOUT_S)
     assert out.splitlines()[0] == f"job {second} trivial: queued (1 job(s) ahead)"
     assert client.job(first)["status"] == "queued"
+
+
+def test_events_go_on_where_they_were_after_the_connection_drops(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    job_id = _submitted_and_claimed(url, token, context)
+    fence = {"session_factory": context.session_factory, "job_id": job_id, "attempt": 1}
+    first = [("loss", 5, 0.9), ("epoch", 10, 1.0), ("val_loss", 10, 0.8)]
+    then = [("loss", 15, 0.7), ("epoch", 20, 2.0), ("val_loss", 20, 0.6)]
+    assert queue.write_metrics(**fence, rows=first)
+    proxy = CuttingProxy(int(url.rsplit(":", 1)[1]))
+    try:
+        events = Client(f"http://127.0.0.1:{proxy.port}", token).events(job_id)
+        got = [next(events) for _ in range(len(first) + 2)]  # and the attempt, the status
+        proxy.cut()
+        assert queue.record_event(**fence, kind="restored", epoch=1, step=10, message="back")
+        assert queue.write_metrics(**fence, rows=then)
+        assert queue.finish_attempt(**fence, status=queue.JobStatus.succeeded)
+        got += list(events)
+    finally:
+        proxy.close()
+    metrics = [(d["name"], d["step"], d["value"]) for kind, d in got if kind == "metric"]
+    assert sorted(set(metrics)) == sorted(first + then)  # each at least once
+    assert [d["message"] for kind, d in got if kind == "run"] == ["back"]
+    assert [d["status"] for kind, d in got if kind == "status"][-1] == "succeeded"
+
+
+def test_watch_prints_each_epoch_once_across_a_dropped_connection(
+    served: tuple[str, str], context: ServiceContext
+) -> None:
+    url, token = served
+    spec = TRIVIAL_SPEC | {"training": {"epochs": 2}}
+    job_id = _submitted_and_claimed(url, token, context, spec)
+    fence = {"session_factory": context.session_factory, "job_id": job_id, "attempt": 1}
+    assert queue.write_metrics(**fence, rows=[("train_loss", 10, 0.5), ("epoch", 10, 1.0)])
+    proxy = CuttingProxy(int(url.rsplit(":", 1)[1]))
+    try:
+        with _watching(f"http://127.0.0.1:{proxy.port}", token, job_id) as watch:
+            assert watch.stderr is not None
+            assert [watch.stderr.readline() for _ in range(2)] == [
+                "epoch 1/2  train_loss 0.5\n",
+                "status: running\n",
+            ]
+            proxy.cut()
+            assert queue.write_metrics(**fence, rows=[("train_loss", 20, 0.25), ("epoch", 20, 2.0)])
+            assert queue.finish_attempt(**fence, status=queue.JobStatus.succeeded)
+            out, err = watch.communicate(timeout=TIMEOUT_S)
+    finally:
+        proxy.close()
+    assert watch.returncode == 0, err
+    assert err.splitlines() == ["epoch 2/2  train_loss 0.25", "status: succeeded"]
+    assert out.splitlines()[-1] == f"job {job_id} succeeded"

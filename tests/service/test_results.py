@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from service import queue
-from service.models import Job, JobStatus
+from service.models import Job, JobStatus, RunEvent
 from service.results import read_series
 from tests.service.conftest import Api
 from tests.service.test_jobs_api import _job
@@ -119,6 +121,25 @@ def test_metrics_filters_downsampling_and_csv(api: Api) -> None:
     assert api.client.get(url, params={"max_points": 1}, headers=api.a).status_code == 422
 
 
+def _read_events(
+    api: Api, job_id: int, last_event_id: str | None = None
+) -> tuple[int, list[tuple[str, str, dict[str, Any]]]]:
+    """The status code and the ``(event, id, data)`` of a job's events stream."""
+    headers = {**api.a, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+    sent = []
+    with api.client.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=headers) as response:
+        if response.status_code == 200:
+            assert response.headers["content-type"].startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        for line in response.iter_lines():
+            name, _, value = line.partition(":")
+            if name in ("event", "id"):
+                fields[name] = value.strip()
+            elif name == "data":
+                sent.append((fields.pop("event"), fields.pop("id"), json.loads(value)))
+    return response.status_code, sent
+
+
 def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
     job_id, attempt = _running_job(api)
     factory = api.context.session_factory
@@ -141,15 +162,9 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
     queue.finish_attempt(
         session_factory=factory, job_id=job_id, attempt=attempt, status=queue.JobStatus.succeeded
     )
-    events = []
-    with api.client.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=api.a) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        kind = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                events.append((kind, json.loads(line.split(":", 1)[1])))
+    code, sent = _read_events(api, job_id)
+    assert code == 200
+    events = [(kind, data) for kind, _, data in sent]
     detail = api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a).json()
     ended = detail["attempt_history"]
     assert [(e["kind"], e["message"], e["step"]) for e in detail["run_events"]] == [
@@ -164,6 +179,27 @@ def test_events_stream_status_and_metrics_until_the_job_ends(api: Api) -> None:
         ("attempt", ended[0]),
         ("status", {"status": "succeeded"}),
     ]
+    # each id says where a reconnection goes on: metric rows after the step every
+    # series had reached, run events after the last one sent; the last one ends it
+    with factory() as session:
+        first, second = session.scalars(select(RunEvent.id).order_by(RunEvent.id))
+    assert [event_id for _, event_id, _ in sent] == [
+        f"-1.{first}",
+        f"-1.{second}",
+        f"5.{second}",
+        f"10.{second}",
+        f"10.{second}",
+        f"10.{second}",
+        "end",
+    ]
+    code, resumed = _read_events(api, job_id, last_event_id=f"5.{first}")
+    assert [(kind, data) for kind, _, data in resumed] == [events[1], *events[3:]]
+    assert _read_events(api, job_id, last_event_id="end") == (204, [])
+    refused = api.client.get(
+        f"/api/v1/jobs/{job_id}/events", headers={**api.a, "Last-Event-ID": "next"}
+    )
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["header", "Last-Event-ID"]
     assert ended[0]["number"] == attempt and ended[0]["status"] == "succeeded"
 
 
