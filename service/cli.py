@@ -8,8 +8,11 @@ import math
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
 
 from core import DatasetUnavailable, SpecError, fit, load_dataset, parse_job_spec, summarize
 
@@ -462,6 +465,41 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    inputs = list(args.text) if args.text else _rows(args.file)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    answer = _client(args).predict(args.job_id, inputs, **options)
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        for predicted in answer["predictions"]:
+            print(predicted)
+    return 0
+
+
+def _rows(file: str | None) -> list[Any]:
+    """The rows to predict from a file: a ``.npz``'s array ``X``, or a ``.json`` list
+    (or an object with ``inputs``, the API's own body)."""
+    if file is None:
+        raise CommandError("predict needs rows: a .npz (array X) or .json file, or --text")
+    path = Path(file)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                if "X" not in arrays:
+                    raise CommandError(f"{path} has no array X (it has {', '.join(arrays.files)})")
+                return list(arrays["X"].tolist())
+        except (ValueError, zipfile.BadZipFile) as exc:  # not an archive; Python objects
+            raise CommandError(f"{path} is not an .npz of numbers: {exc}") from None
+    if path.suffix != ".json":
+        raise CommandError(f"{path}: predict reads a .npz (array X) or a .json list of rows")
+    rows = _read_spec(file)
+    rows = rows.get("inputs") if isinstance(rows, dict) else rows
+    if not isinstance(rows, list):
+        raise CommandError(f"{path} holds neither a list of rows nor an object with inputs")
+    return rows
+
+
 def _cancel(args: argparse.Namespace) -> int:
     job = _client(args).cancel(args.job_id)
     if job["status"] == "cancelled":
@@ -535,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--names")
     metrics.add_argument("--max-points", type=int)
     metrics.set_defaults(run=_metrics)
+    predict = client_command("predict", "a job's model's predictions, one line per row")
+    predict.add_argument("job_id", type=int)
+    predict.add_argument("file", nargs="?", help=".npz (array X) or .json list of rows")
+    predict.add_argument("--text", action="append", help="a text to predict (repeatable)")
+    predict.add_argument("--max-new-tokens", type=int, default=0, help="a language model's")
+    predict.add_argument("--temperature", type=float, default=0.0)
+    predict.add_argument("--json", action="store_true", help="the whole answer, with outputs")
+    predict.set_defaults(run=_predict)
     describe = client_command("describe", "a job: progress, attempts, run events, result")
     describe.add_argument("job_id", type=int)
     describe.set_defaults(run=_describe)

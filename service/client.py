@@ -114,6 +114,11 @@ class Client:
             path = f"/api/v1/jobs/{job_id}/checkpoints/{epoch}"
         return self._send("GET", path).content
 
+    def predict(self, job_id: int, inputs: list[Any], **options: Any) -> dict[str, Any]:
+        """``{"outputs", "predictions"}`` of the job's model for ``inputs``."""
+        body = {"inputs": inputs, **options}
+        return self._send("POST", f"/api/v1/jobs/{job_id}/predict", json=body).json()
+
     def datasets(self, name: str | None = None) -> dict[str, Any]:
         path = f"/api/v1/datasets/{name}" if name else "/api/v1/datasets"
         return self._send("GET", path).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -13,15 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core import load_dataset
 from service import queue
 from service.auth import create_token
 from service.cli import UPLOAD_FORMATS
 from service.client import ApiError, Client
 from service.context import ServiceContext
 from service.datasets import UPLOAD_KINDS, register_builtins
+from service.dispatcher import Dispatcher
 from tests.factories import ROOT
 from tests.servers import CuttingProxy, free_port, serving
-from tests.service.factories import TRIVIAL_SPEC
+from tests.service.factories import TRIVIAL_SPEC, sentiment_classifier
 from tests.service.test_cli import TIMEOUT_S, trainq
 
 
@@ -370,3 +373,41 @@ def test_watch_prints_each_epoch_once_across_a_dropped_connection(
     assert watch.returncode == 0, err
     assert err.splitlines() == ["epoch 2/2  train_loss 0.25", "status: succeeded"]
     assert out.splitlines()[-1] == f"job {job_id} succeeded"
+
+
+def test_predict_from_a_file_or_texts(
+    served: tuple[str, str], context: ServiceContext, tmp_path: Path
+) -> None:
+    url, token = served
+    at = ("--url", url, "--token", token)
+    client = Client(url, token)
+    digits_job = client.submit(TRIVIAL_SPEC)["id"]
+    moods_job = client.submit(sentiment_classifier(epochs=1))["id"]
+    dispatcher = Dispatcher(context)  # the in-process runner: no Ray needed
+    assert dispatcher.run_once() and dispatcher.run_once()
+
+    X = load_dataset("digits").X_test[:4]
+    np.savez(tmp_path / "rows.npz", X=X)
+    expected = client.predict(digits_job, X.tolist())
+    result = trainq("predict", str(digits_job), tmp_path / "rows.npz", *at)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(p) for p in expected["predictions"]]
+    (tmp_path / "rows.json").write_text(json.dumps({"inputs": X[:2].tolist()}))
+    answer = trainq("predict", str(digits_job), tmp_path / "rows.json", "--json", *at)
+    assert json.loads(answer.stdout)["predictions"] == expected["predictions"][:2]
+
+    texts = trainq("predict", str(moods_job), "--text", "a lovely film", "--text", "dull", *at)
+    assert texts.returncode == 0, texts.stderr
+    assert texts.stdout.splitlines() == [
+        str(p) for p in client.predict(moods_job, ["a lovely film", "dull"])["predictions"]
+    ]
+
+    np.savez(tmp_path / "other.npz", rows=X)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    for args, said in (
+        ((), "predict needs rows: a .npz (array X) or .json file, or --text"),
+        ((tmp_path / "other.npz",), f"{tmp_path / 'other.npz'} has no array X (it has rows)"),
+        ((tmp_path / "broken.npz",), f"{tmp_path / 'broken.npz'} is not an .npz of numbers"),
+    ):
+        refused = trainq("predict", str(digits_job), *args, *at)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"trainq: {said}")
