@@ -21,6 +21,9 @@ STREAM_END = "end"
 #: How long :meth:`Client.events` tries to reconnect a dropped stream, and how often.
 RECONNECT_S = 60.0
 RECONNECT_PAUSE_S = 0.5
+#: Longest silence on an events stream before it counts as dropped (the server sends
+#: a keepalive comment every 15 s).
+EVENTS_READ_TIMEOUT_S = 60.0
 TOKEN_FILE = "token"
 
 
@@ -138,6 +141,7 @@ class Client:
         reconnection (the same name and step), and the status and attempts come again.
         """
         path = f"/api/v1/jobs/{job_id}/events"
+        timeout = httpx.Timeout(self.http.timeout.connect, read=EVENTS_READ_TIMEOUT_S)
         last_id: str | None = None
         failing_since: float | None = None
         while True:
@@ -146,7 +150,7 @@ class Client:
             try:
                 with (
                     self._reaching(),
-                    self.http.stream("GET", path, headers=headers, timeout=None) as response,
+                    self.http.stream("GET", path, headers=headers, timeout=timeout) as response,
                 ):
                     if response.status_code == 204:  # it had ended before
                         return

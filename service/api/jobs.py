@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,8 @@ from service.schemas import (
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 EVENTS_POLL_S = 0.5
+#: Longest an events stream stays silent: then it sends a comment (see job_events).
+EVENTS_KEEPALIVE_S = 15.0
 _models = ModelCache()
 
 
@@ -312,8 +315,11 @@ async def job_events(
         seen: dict[str, int] = {}  # series name -> last step sent
         attempts_sent: dict[int, dict[str, Any]] = {}  # attempt number -> as last sent
         last_event = after_event  # id of the last run event sent
+        quiet_since = time.monotonic()  # when anything was last sent
 
         def sent(kind: str, data: dict[str, Any], event_id: str | None = None) -> str:
+            nonlocal quiet_since
+            quiet_since = time.monotonic()
             since = min(seen.values()) if seen else floor
             event_id = event_id or f"{since}.{last_event}"
             return f"event: {kind}\nid: {event_id}\ndata: {json.dumps(data)}\n\n"
@@ -345,6 +351,11 @@ async def job_events(
                 yield sent("status", {"status": polled.status}, STREAM_END if ended else None)
             if ended or await request.is_disconnected():
                 return
+            if time.monotonic() - quiet_since >= EVENTS_KEEPALIVE_S:
+                # A comment, which clients skip: an idle proxy keeps the connection
+                # open, and a client learns that the server is still there.
+                quiet_since = time.monotonic()
+                yield ": keepalive\n\n"
             await asyncio.sleep(EVENTS_POLL_S)
 
     return StreamingResponse(stream(), media_type="text/event-stream")

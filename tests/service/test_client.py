@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from core import load_dataset
+from service import client as client_module
 from service import queue
+from service.api import jobs as jobs_api
 from service.auth import create_token
 from service.cli import UPLOAD_FORMATS
-from service.client import ApiError, Client
+from service.client import ApiError, ApiUnreachable, Client
 from service.context import ServiceContext
 from service.datasets import UPLOAD_KINDS, register_builtins
 from service.dispatcher import Dispatcher
@@ -411,3 +417,38 @@ def test_predict_from_a_file_or_texts(
     ):
         refused = trainq("predict", str(digits_job), *args, *at)
         assert refused.returncode == 2 and refused.stderr.startswith(f"trainq: {said}")
+
+
+def test_a_quiet_stream_sends_keepalives_and_a_silent_one_counts_as_dropped(
+    served: tuple[str, str], context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, token = served
+    job_id = _submitted_and_claimed(url, token, context)  # running, and nothing to tell
+    monkeypatch.setattr(jobs_api, "EVENTS_KEEPALIVE_S", 0.0)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.stream("GET", f"{url}/api/v1/jobs/{job_id}/events", headers=headers) as response:
+        lines = response.iter_lines()
+        told = [line for line in itertools.islice(lines, 12) if line.startswith(("event:", ":"))]
+    assert told[:2] == ["event: attempt", "event: status"]
+    assert set(told[2:]) == {": keepalive"}  # a comment, which clients skip
+
+    # a server that answers and then says nothing: the client's read times out
+    silent = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_answer_then_nothing, args=(silent,), daemon=True).start()
+    monkeypatch.setattr(client_module, "EVENTS_READ_TIMEOUT_S", 0.5)
+    silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with pytest.raises(ApiUnreachable, match="ReadTimeout|timed out"):
+        next(Client(silent_url, token).events(job_id))
+    silent.close()
+
+
+def _answer_then_nothing(listener: socket.socket) -> None:
+    with suppress(OSError):
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        time.sleep(5)
+        connection.close()
