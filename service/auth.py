@@ -31,6 +31,30 @@ def create_token(*, session: Session, team_name: str) -> tuple[Team, str]:
     return team, token
 
 
+def list_tokens(*, session: Session, team_name: str | None = None) -> list[tuple[ApiToken, str]]:
+    """Every token (or a team's), oldest first, with its team's name; never the token."""
+    query = select(ApiToken, Team.name).join(Team, Team.id == ApiToken.team_id)
+    if team_name is not None:
+        query = query.where(Team.name == team_name)
+    return [(token, name) for token, name in session.execute(query.order_by(ApiToken.id))]
+
+
+def revoke_token(*, session: Session, token_id: int) -> str | None:
+    """Delete a token; the name of its team, or None when there is no such token. An
+    API process that verified it in the last ``TOKEN_CACHE_S`` seconds may still take
+    it until then."""
+    row = session.execute(
+        select(ApiToken, Team.name)
+        .join(Team, Team.id == ApiToken.team_id)
+        .where(ApiToken.id == token_id)
+    ).first()
+    if row is None:
+        return None
+    session.delete(row[0])
+    session.commit()
+    return str(row[1])
+
+
 #: How long a verified token is trusted without asking the database again.
 TOKEN_CACHE_S = 30.0
 _TOKEN_CACHE_MAX = 10_000

@@ -156,11 +156,8 @@ def _up(args: argparse.Namespace) -> int:
 
 def _api(args: argparse.Namespace) -> int:
     from service import roles
-    from service.context import ServiceContext
-    from service.settings import get_settings
 
-    context = ServiceContext.from_settings(get_settings())
-    _require_schema(context)
+    context = _migrated_context()
     if args.workers > 1:  # each worker process builds its own context
         context.engine.dispose()
         import uvicorn
@@ -185,10 +182,8 @@ def _dispatcher(args: argparse.Namespace) -> int:
 
     settings = _settings_before_ray()
     from service import roles
-    from service.context import ServiceContext
 
-    context = ServiceContext.from_settings(settings)
-    _require_schema(context)
+    context = _migrated_context(settings)
     roles.start_ray(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -232,17 +227,52 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_create(args: argparse.Namespace) -> int:
-    from service.auth import create_token
+def _migrated_context(settings: Settings | None = None) -> ServiceContext:
+    """The service's context (from ``settings``, else the environment's) on a database
+    at this code's revision; else a one-line reason, exit 2."""
     from service.context import ServiceContext
     from service.settings import get_settings
 
-    context = ServiceContext.from_settings(get_settings())
+    context = ServiceContext.from_settings(settings or get_settings())
     _require_schema(context)
+    return context
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from service.auth import create_token
+
+    context = _migrated_context()
     with context.session_factory() as session:
         team, token = create_token(session=session, team_name=args.team)
     print(f"token for team {team.name!r} (shown once):")
     print(token)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    from service.auth import list_tokens
+
+    context = _migrated_context()
+    with context.session_factory() as session:
+        tokens = list_tokens(session=session, team_name=args.team)
+    print(f"{'id':>6}  {'team':<24} created")
+    for token, team in tokens:
+        print(f"{token.id:>6}  {team[:24]:<24} {token.created_at:%Y-%m-%d %H:%M:%S}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    from service.auth import TOKEN_CACHE_S, revoke_token
+
+    context = _migrated_context()
+    with context.session_factory() as session:
+        team = revoke_token(session=session, token_id=args.token_id)
+    if team is None:
+        raise CommandError(f"no token {args.token_id} ('trainq token list' shows them)")
+    print(
+        f"token {args.token_id} of team {team!r} revoked; the API stops taking it "
+        f"within {TOKEN_CACHE_S:g} s"
+    )
     return 0
 
 
@@ -546,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     token_create = token_commands.add_parser("create", help="create a token (and the team)")
     token_create.add_argument("--team", required=True)
     token_create.set_defaults(run=_token_create)
+    token_list = token_commands.add_parser("list", help="tokens by id, team and age (not values)")
+    token_list.add_argument("--team")
+    token_list.set_defaults(run=_token_list)
+    token_revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    token_revoke.add_argument("token_id", type=int)
+    token_revoke.set_defaults(run=_token_revoke)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from core import DatasetUnavailable, load_dataset, summarize
 from core.data import BUILTIN_DATASETS, load_digits
+from service.auth import team_for_token
 from service.context import ServiceContext
 from service.models import DatasetVersion
 from tests.factories import ROOT, example_job
@@ -211,3 +212,36 @@ def test_db_upgrade_records_the_built_in_datasets_once(
         ]
         digits = next(r for r in rows if r.name == "digits")
         assert (digits.input_shape, digits.num_classes, digits.num_samples) == ([1, 8, 8], 10, 1797)
+
+
+def test_tokens_are_listed_by_id_and_revoked(context: ServiceContext, tmp_path: Path) -> None:
+    settings = {"TRAINQ_HOME": str(tmp_path), "TRAINQ_DATABASE_URL": context.settings.database_url}
+    made = {
+        team: trainq("token", "create", "--team", team, **settings).stdout.splitlines()[-1]
+        for team in ("vision", "speech")
+    }
+    listed = trainq("token", "list", **settings).stdout.splitlines()
+    assert listed[0].split() == ["id", "team", "created"]
+    rows = [line.split()[:2] for line in listed[1:]]
+    assert [team for _, team in rows] == ["vision", "speech"]
+    assert all(made["vision"] not in line for line in listed)  # ids, never the tokens
+    assert [
+        r.split()[1]
+        for r in trainq("token", "list", "--team", "speech", **settings).stdout.splitlines()[1:]
+    ] == ["speech"]
+
+    vision_id = rows[0][0]
+    revoked = trainq("token", "revoke", vision_id, **settings)
+    assert (revoked.returncode, revoked.stdout) == (
+        0,
+        f"token {vision_id} of team 'vision' revoked; the API stops taking it within 30 s\n",
+    )
+    with context.session_factory() as session:
+        assert team_for_token(session=session, token=made["vision"]) is None
+        speech = team_for_token(session=session, token=made["speech"])
+        assert speech is not None and speech.name == "speech"
+    again = trainq("token", "revoke", vision_id, **settings)
+    assert (again.returncode, again.stderr) == (
+        2,
+        f"trainq: no token {vision_id} ('trainq token list' shows them)\n",
+    )
