@@ -28,6 +28,10 @@ def test_cancel_a_running_job(service: Service, dispatchers) -> None:  # noqa: A
     job = wait_for(service, job_id, ("cancelled", "failed", "succeeded"))
     assert job["status"] == "cancelled"
     assert [a["status"] for a in job["attempt_history"]] == ["cancelled"]
+    assert [(e["kind"], e["message"]) for e in job["run_events"]] == [
+        ("group_started", "2 workers on 1 node(s)"),
+        ("cancelled", "cancelled by the caller"),
+    ]
     epochs = service.http.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]["epoch"]
     assert len(epochs["values"]) < 500
     # every worker's CPUs go back to the cluster (actors killed, placement group removed)
@@ -63,4 +67,5 @@ def test_cancel_a_job_waiting_for_resources(service: Service, dispatchers) -> No
     # not the start-up timeout's failure (120 s on), which a cancel would then turn into
     # a cancelled job with a failed attempt: the wait itself ended
     assert [a["status"] for a in job["attempt_history"]] == ["cancelled"]
+    assert [e["kind"] for e in job["run_events"]] == ["cancelled"]  # no group ever started
     assert not any(name.startswith("trainq-") for name in waiting_groups())
