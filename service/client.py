@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 
 from core.errors import format_loc
+from service.schemas import STREAM_END
 from service.settings import get_settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-#: The id of the events stream's last event (the job's terminal status).
-STREAM_END = "end"
 #: How long :meth:`Client.events` tries to reconnect a dropped stream, and how often.
 RECONNECT_S = 60.0
 RECONNECT_PAUSE_S = 0.5

@@ -17,6 +17,11 @@ def _in_utc(moment: datetime) -> datetime:
 Moment = Annotated[datetime, AfterValidator(_in_utc)]
 
 
+#: The ``id`` of an events stream's last event (the job's terminal status); after it,
+#: a reconnection gets 204.
+STREAM_END = "end"
+
+
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -27,6 +27,7 @@ from service.errors import Invalid, NotFound
 from service.models import TERMINAL_STATUSES, Job, JobStatus, Team
 from service.predict import ModelCache, predict
 from service.schemas import (
+    STREAM_END,
     AttemptPublic,
     CheckpointPublic,
     CheckpointsPublic,
@@ -250,10 +251,6 @@ def _json(schema: type[BaseModel], row: object) -> dict[str, Any]:
     return schema.model_validate(row).model_dump(mode="json")
 
 
-#: The ``id`` of the event that ends a stream (the job's terminal status).
-STREAM_END = "end"
-
-
 def _resume_point(last_event_id: str | None) -> tuple[int, int]:
     """Where a reconnecting client's ``Last-Event-ID`` says to go on: metric rows after
     a step, run events after an id."""
@@ -317,16 +314,18 @@ async def job_events(
         last_event = after_event  # id of the last run event sent
         quiet_since = time.monotonic()  # when anything was last sent
 
+        def reached() -> int:
+            """The step every series sent has reached: metric rows after it are read."""
+            return min(seen.values()) if seen else floor
+
         def sent(kind: str, data: dict[str, Any], event_id: str | None = None) -> str:
             nonlocal quiet_since
             quiet_since = time.monotonic()
-            since = min(seen.values()) if seen else floor
-            event_id = event_id or f"{since}.{last_event}"
+            event_id = event_id or f"{reached()}.{last_event}"
             return f"event: {kind}\nid: {event_id}\ndata: {json.dumps(data)}\n\n"
 
         while True:
-            since = min(seen.values()) if seen else floor
-            polled = await run_in_threadpool(poll, since, last_event)
+            polled = await run_in_threadpool(poll, reached(), last_event)
             fresh = sorted(
                 (step, name, value)
                 for name, points in polled.series.items()

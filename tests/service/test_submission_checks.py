@@ -4,7 +4,6 @@ a 422 naming the field, and no job stored. What trains keeps being accepted."""
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from service.jobs import SubmissionCache, create_job
 from service.models import DatasetVersion, Job, Team
 from tests.service.conftest import Api
 from tests.service.factories import TRIVIAL_SPEC, sentiment_classifier
+from tests.service.test_datasets_api import _npz
 
 DIGITS_JOB: dict[str, Any] = TRIVIAL_SPEC | {
     "name": "digits-mlp",
@@ -71,12 +71,6 @@ def _vocab_size(dataset: Dataset) -> int:
     return Tokenizer.from_json(tokenizer).vocab_size
 
 
-def _npz(X: np.ndarray, y: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, X=X, y=y)
-    return buffer.getvalue()
-
-
 def _reviews() -> tuple[bytes, int]:
     """A labelled-text upload, and the vocabulary the run will build from it."""
     rows = ["text,label", *[f"review {i} was good,pos" for i in range(20)]]
@@ -105,8 +99,8 @@ def test_a_loss_that_does_not_fit_integer_labels_is_refused(
 def test_a_regression_dataset_takes_mse_or_binary_cross_entropy_per_target(api: Api) -> None:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 5)).astype(np.float32)
-    _upload(api, "prices", _npz(X, X[:, :3].sum(axis=1)))  # float y (N,)
-    _upload(api, "coords", _npz(X, X[:, :3]))  # float y (N, 3)
+    _upload(api, "prices", _npz(X=X, y=X[:, :3].sum(axis=1)))  # float y (N,)
+    _upload(api, "coords", _npz(X=X, y=X[:, :3]))  # float y (N, 3)
     prices = _job(dataset={"name": "prices"})
     coords = _job(dataset={"name": "coords"})
 
@@ -130,7 +124,7 @@ def test_a_regression_dataset_takes_mse_or_binary_cross_entropy_per_target(api: 
 def test_what_trains_today_is_still_accepted(api: Api) -> None:
     rng = np.random.default_rng(1)
     X = rng.standard_normal((40, 5)).astype(np.float32)
-    _upload(api, "blobs", _npz(X, (X[:, 0] > 0).astype(np.int64)))  # 0/1 labels
+    _upload(api, "blobs", _npz(X=X, y=(X[:, 0] > 0).astype(np.int64)))  # 0/1 labels
     corpus = ("the cat sat on the mat. the dog sat on the log.\n" * 40).encode()
     vocab = _upload(api, "mats", corpus, fmt="txt")["num_classes"]
     language_model = {
@@ -206,7 +200,7 @@ def test_a_language_model_embedding_is_checked_against_its_corpus(api: Api) -> N
 def test_an_upload_row_says_its_targets_and_vocabulary(api: Api) -> None:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 5)).astype(np.float32)
-    coords = _upload(api, "coords", _npz(X, X[:, :3]))
+    coords = _upload(api, "coords", _npz(X=X, y=X[:, :3]))
     data, vocab = _reviews()
     reviews = _upload(api, "reviews", data, fmt="csv")
     corpus = _upload(api, "corpus", b"the cat sat on the mat. " * 40, fmt="txt")
@@ -237,7 +231,7 @@ def test_an_upload_row_says_its_targets_and_vocabulary(api: Api) -> None:
 def test_an_upload_stored_before_its_row_said_its_targets_is_read(api: Api) -> None:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 5)).astype(np.float32)
-    _upload(api, "coords", _npz(X, X[:, :3]))
+    _upload(api, "coords", _npz(X=X, y=X[:, :3]))
     data, vocab = _reviews()
     _upload(api, "reviews", data, fmt="csv")
     with api.context.session_factory() as session:  # as revision 0003 leaves older rows
